@@ -1,0 +1,3 @@
+from flashmem_cli.cli import main
+
+main()

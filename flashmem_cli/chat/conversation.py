@@ -1,0 +1,411 @@
+"""A conversation: a session on disk bound to a loaded model and its own llama.cpp context.
+
+Each turn feeds only the text the conversation adds since the KV cache last took it in, then
+saves the cache, so a turn resumed in another process costs only its own tokens.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from flashmem_cli import models
+from flashmem_cli.chat.layout import (
+    KVLayout,
+    Message,
+    conversation_messages,
+    split_turns,
+    tokens_digest,
+)
+from flashmem_cli.config import DEFAULT_BATCH, DEFAULT_CTX, DEFAULT_N_PREDICT, default_threads
+from flashmem_cli.engine.backend import Context, ContextParams, Model
+from flashmem_cli.engine.generate import stream_generate
+from flashmem_cli.engine.sampling import Sampler, SamplingParams
+from flashmem_cli.engine.sequence import KVSequence
+from flashmem_cli.engine.templates import (
+    ChatTemplate,
+    pinned_prefix,
+    reply_closing,
+    select_template,
+    text_after,
+)
+from flashmem_cli.errors import ContextOverflow, FlashmemError, StateMismatch
+from flashmem_cli.models import ModelFile
+from flashmem_cli.store.sessions import Session, SessionStore
+
+
+@dataclass(frozen=True)
+class ChatOptions:
+    """How to run a conversation; `None` means the session's own setting, then the default."""
+
+    model: str | None = None
+    n_ctx: int | None = None
+    n_gpu_layers: int | None = None
+    n_threads: int = field(default_factory=default_threads)
+    n_batch: int = DEFAULT_BATCH
+    n_predict: int = DEFAULT_N_PREDICT
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    stateless: bool = False
+    rebuild: bool = False
+
+
+@dataclass
+class TurnResult:
+    reply: str
+    prompt_text: str
+    new_prompt_tokens: int
+    cached_tokens: int
+    generated_tokens: int
+    finish_reason: str
+    dropped_turns: int
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class LoadedModel:
+    file: ModelFile
+    model: Model
+    load_ms: float
+
+
+def _ms(start: float) -> float:
+    return round((time.perf_counter() - start) * 1000, 2)
+
+
+class Conversation:
+    """Use as a context manager; it owns the session lock and the llama.cpp context."""
+
+    def __init__(
+        self, session: Session, loaded: LoadedModel, options: ChatOptions, owns_model: bool = False
+    ):
+        self.session = session
+        self.loaded = loaded
+        self.model = loaded.model
+        self.options = options
+        self._owns_model = owns_model
+        n_ctx = options.n_ctx or session.meta.get("n_ctx") or DEFAULT_CTX
+        self.ctx = Context(
+            self.model,
+            ContextParams(n_ctx=n_ctx, n_batch=options.n_batch, n_threads=options.n_threads),
+        )
+        self.seq = KVSequence(self.ctx)
+        self.template = chat_template_for(self.model)
+        self.layout = KVLayout()
+        self.restore_ms = 0.0
+        self._pending_restore_ms = 0.0
+        try:
+            self._start()
+        except BaseException:
+            self.ctx.close()
+            raise
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        self.ctx.close()
+        if self._owns_model:
+            self.model.close()
+        self.session.close()
+
+    def __enter__(self) -> Conversation:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _start(self) -> None:
+        if self.options.stateless:
+            return
+        start = time.perf_counter()
+        if self.options.rebuild or self.session.meta.get("kv") is None:
+            self._replay(conversation_messages(self.session.records()))
+            if self.options.rebuild:
+                self._save()
+        else:
+            self._restore()
+        self.restore_ms = self._pending_restore_ms = _ms(start)
+
+    def _restore(self) -> None:
+        kv = self.session.meta["kv"]
+        name = self.session.name
+        if kv["fingerprint"] != self.loaded.file.fingerprint:
+            raise StateMismatch(
+                f"session {name}'s KV state was made by model {kv['model']} "
+                f"(fingerprint {kv['fingerprint']}), not {self.loaded.file.name} "
+                f"({self.loaded.file.fingerprint}); use -m {kv['model']}, or --rebuild"
+            )
+        if kv["n_ctx"] != self.ctx.n_ctx:
+            raise StateMismatch(
+                f"session {name}'s KV state was made with -c {kv['n_ctx']}, not {self.ctx.n_ctx}; "
+                f"use -c {kv['n_ctx']}, or --rebuild"
+            )
+        if not self.session.state_path.is_file():
+            raise StateMismatch(f"session {name} has no state.bin; --rebuild re-processes it")
+        if not self.seq.load(self.session.state_path):
+            raise StateMismatch(
+                f"session {name}'s state.bin is corrupt or truncated; --rebuild re-processes "
+                "the transcript"
+            )
+        if len(self.seq) != kv["n_tokens"] or tokens_digest(self.seq.tokens) != kv["digest"]:
+            self.seq.clear()
+            raise StateMismatch(
+                f"session {name}'s state.bin does not match meta.json (an interrupted save?); "
+                "--rebuild re-processes the transcript"
+            )
+        self.layout = KVLayout.from_dict(kv["layout"])
+
+    # -- turns ----------------------------------------------------------------------------------
+
+    def messages(self) -> list[Message]:
+        return conversation_messages(self.session.records())
+
+    def set_system_prompt(self, system: str) -> None:
+        """Start the conversation with a system prompt; refused once it has begun without it."""
+        messages = self.messages()
+        if messages and messages[0] == {"role": "system", "content": system}:
+            return
+        if messages:
+            raise FlashmemError(
+                f"session {self.session.name} has already begun; its system prompt cannot change "
+                "(start a new session, or /reset first)"
+            )
+        self.session.append({"role": "system", "content": system})
+
+    def send(self, text: str, on_text: Callable[[str], None] | None = None) -> TurnResult:
+        """One turn: feed what is new, stream the reply, append both to the transcript, save."""
+        start = time.perf_counter()
+        if self.options.stateless:
+            self.seq.clear()
+            self.layout = KVLayout()
+        history = self.messages()
+        if self.layout.messages > len(history):  # a reset whose save was interrupted
+            self._replay(history)
+        user: Message = {"role": "user", "content": text}
+        chunks = self._chunks(
+            history[: self.layout.messages], history[self.layout.messages :], user
+        )
+        self.session.append(user)
+
+        dropped_before = self.layout.dropped
+        new_prompt = sum(self._feed_chunk(chunk) for chunk in chunks)
+        cached = len(self.seq) - new_prompt
+        prefill_ms = _ms(start)
+
+        reply, finish, generated, first_token_ms = self._generate(start, on_text)
+        reply_message: Message = {"role": "assistant", "content": reply}
+        self.session.append(reply_message)
+        self._close_reply(history + [user, reply_message], generated)
+        if not self.options.stateless:
+            self._save()
+
+        restore_ms, self._pending_restore_ms = self._pending_restore_ms, 0.0
+        return TurnResult(
+            reply=reply,
+            prompt_text="".join(chunk.text for chunk in chunks),
+            new_prompt_tokens=new_prompt,
+            cached_tokens=cached,
+            generated_tokens=generated,
+            finish_reason=finish,
+            dropped_turns=self.layout.dropped - dropped_before,
+            timings_ms={
+                "restore": restore_ms,
+                "prefill": prefill_ms,
+                "ttft": round(restore_ms + first_token_ms, 2),
+                "total": round(restore_ms + _ms(start), 2),
+            },
+        )
+
+    def reset(self) -> None:
+        """Start over: the transcript keeps everything, the KV cache forgets it."""
+        self.session.append({"event": "reset"})
+        self.seq.clear()
+        self.layout = KVLayout()
+        if not self.options.stateless:
+            self._save()
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "session": self.session.name,
+            "model": self.loaded.file.name,
+            "n_ctx": self.ctx.n_ctx,
+            "kv_tokens": len(self.seq),
+            "pinned_tokens": self.layout.pinned,
+            "turns_in_kv": len(self.layout.turns),
+            "turns_dropped": self.layout.dropped,
+            "messages": len(self.messages()),
+            "template": self.template.name,
+        }
+
+    # -- feeding --------------------------------------------------------------------------------
+
+    def _chunks(
+        self, fed: list[Message], unfed: list[Message], user: Message | None
+    ) -> list[_Chunk]:
+        """Tokenized text of each turn not yet in the KV cache; the user's turn, if any, last
+        and ending in the generation prompt. Raises before anything is written if it cannot fit."""
+        groups = split_turns(unfed + ([user] if user else []))
+        chunks = []
+        for i, group in enumerate(groups):
+            prompt = user is not None and i == len(groups) - 1
+            text = text_after(self.template, fed, group, add_generation_prompt=prompt)
+            chunks.append(self._tokenize(text, group, first=not self.seq.tokens and i == 0))
+            fed = fed + group
+        if user is not None:
+            self._check_fits(chunks)
+        return chunks
+
+    def _tokenize(self, text: str, group: list[Message], first: bool) -> _Chunk:
+        if not first:
+            return _Chunk(group, text, [], self.model.tokenize(text), prompt=False)
+        system = group[0]["content"] if group[0]["role"] == "system" else None
+        pinned_text = pinned_prefix(text, system, self.template.bos_token)
+        pinned = self.model.tokenize(pinned_text)
+        if self.model.add_bos and pinned[:1] != [self.model.bos]:
+            pinned = [self.model.bos] + pinned
+        rest = self.model.tokenize(text[len(pinned_text) :])
+        return _Chunk(group, text, pinned, rest, prompt=False)
+
+    def _check_fits(self, chunks: list[_Chunk]) -> None:
+        final = chunks[-1]
+        final.prompt = True
+        pinned = (
+            len(final.pinned)
+            if final.pinned
+            else (len(chunks[0].pinned) if chunks[0].pinned else self.layout.pinned)
+        )
+        room = self.ctx.n_ctx - pinned - 1
+        if len(final.tokens) > room:
+            raise ContextOverflow(
+                f"this message needs {len(final.tokens)} tokens but -c {self.ctx.n_ctx} leaves "
+                f"room for {room}; use a larger -c or a shorter message"
+            )
+
+    def _feed_chunk(self, chunk: _Chunk) -> int:
+        """Feed one turn's text, dropping the oldest turns for room; returns tokens fed."""
+        if chunk.pinned:
+            self.seq.feed(chunk.pinned)
+            self.layout.pinned = len(chunk.pinned)
+        self.layout.messages += len(chunk.group)
+        if self.layout.pinned + len(chunk.tokens) >= self.ctx.n_ctx:
+            self.layout.dropped += 1  # an old turn too long to keep: the transcript has it
+            return len(chunk.pinned)
+        self._make_room(len(chunk.tokens) + (self._generation_reserve() if chunk.prompt else 0))
+        self.seq.feed(chunk.tokens)
+        self.layout.turns.append(len(chunk.tokens))
+        return len(chunk.pinned) + len(chunk.tokens)
+
+    def _generation_reserve(self) -> int:
+        limit = self.ctx.n_ctx // 4
+        return min(self.options.n_predict, limit) if self.options.n_predict > 0 else limit
+
+    def _make_room(self, needed: int, keep_last: bool = False) -> None:
+        """Drop the oldest whole turns until `needed` more tokens fit (the transcript keeps them)."""
+        keep = 1 if keep_last else 0
+        while len(self.layout.turns) > keep and len(self.seq) + needed > self.ctx.n_ctx:
+            start, end = self.layout.oldest_turn_span()
+            self.seq.drop(start, end)
+            self.layout.turns.pop(0)
+            self.layout.dropped += 1
+
+    def _generate(
+        self, start: float, on_text: Callable[[str], None] | None
+    ) -> tuple[str, str, int, float]:
+        """Stream the reply; returns (reply, finish reason, tokens generated, ms to first token)."""
+        before = len(self.seq)
+        first_token_ms: float | None = None
+        finish = "stop"
+        sampler = Sampler(self.options.sampling)
+        try:
+            for response in stream_generate(self.seq, sampler, self.options.n_predict):
+                if first_token_ms is None:
+                    first_token_ms = _ms(start)
+                if response.text and on_text:
+                    on_text(response.text)
+                finish = response.finish_reason or finish
+        except KeyboardInterrupt:
+            finish = "interrupted"
+        finally:
+            sampler.close()
+        reply_tokens = self.seq.tokens[before:]  # what the cache holds is what the reply is
+        reply = self.model.detokenize(reply_tokens)
+        return reply, finish, len(reply_tokens), first_token_ms or _ms(start)
+
+    def _close_reply(self, messages: list[Message], generated: int) -> None:
+        """Feed the template's end-of-reply text now, so the next turn feeds only its own."""
+        closing = self.model.tokenize(reply_closing(self.template, messages))
+        self._make_room(len(closing), keep_last=True)
+        if len(closing) <= self.seq.free and self.layout.turns:
+            self.seq.feed(closing)
+            self.layout.turns[-1] += generated + len(closing)
+        else:  # no room even alone: this turn leaves the cache too (the transcript keeps it)
+            self.seq.drop(self.layout.pinned, len(self.seq))
+            self.layout.turns = []
+            self.layout.dropped += 1
+        self.layout.messages += 1
+
+    def _replay(self, messages: list[Message]) -> None:
+        """Feed a transcript's turns into an empty cache (a first start, --rebuild, --stateless)."""
+        self.seq.clear()
+        self.layout = KVLayout()
+        for chunk in self._chunks([], messages, None):
+            self._feed_chunk(chunk)
+
+    def _save(self) -> None:
+        self.session.save_state(self.seq.save)
+        model = self.loaded.file
+        self.session.meta["model"] = {
+            "name": model.name,
+            "path": str(model.path),
+            "fingerprint": model.fingerprint,
+        }
+        self.session.meta["n_ctx"] = self.ctx.n_ctx
+        self.session.meta["kv"] = {
+            "model": model.name,
+            "fingerprint": model.fingerprint,
+            "n_ctx": self.ctx.n_ctx,
+            "n_tokens": len(self.seq),
+            "digest": tokens_digest(self.seq.tokens),
+            "layout": self.layout.to_dict(),
+        }
+        self.session.save_meta()
+
+
+@dataclass
+class _Chunk:
+    group: list[Message]
+    text: str
+    pinned: list[int]  # the never-dropped head, only on a conversation's first chunk
+    tokens: list[int]
+    prompt: bool  # ends in the generation prompt
+
+
+def chat_template_for(model: Model) -> ChatTemplate:
+    info_arch = model.meta("general.architecture") or "unknown"
+    return select_template(
+        model.chat_template(), info_arch, model.token_text(model.bos), model.token_text(model.eos)
+    )
+
+
+def load_model(file: ModelFile, n_gpu_layers: int | None) -> LoadedModel:
+    start = time.perf_counter()
+    model = Model(file.path, n_gpu_layers=n_gpu_layers)
+    return LoadedModel(file, model, _ms(start))
+
+
+def open_conversation(store: SessionStore, name: str, options: ChatOptions) -> Conversation:
+    """Lock the session, load its model (`-m`, else the one it was made with), restore its KV."""
+    session = store.open(name)
+    try:
+        stored_model = (session.meta.get("model") or {}).get("path")
+        loaded = load_model(models.resolve(options.model or stored_model), options.n_gpu_layers)
+    except BaseException:
+        session.close()
+        raise
+    try:
+        return Conversation(session, loaded, options, owns_model=True)
+    except BaseException:
+        loaded.model.close()
+        session.close()
+        raise

@@ -1,0 +1,72 @@
+"""What a conversation's KV cache holds, turn by turn: pure bookkeeping, no model."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+Message = dict[str, str]
+
+
+@dataclass
+class KVLayout:
+    """The KV cache holds `pinned` tokens (BOS, system prompt), then one block per turn.
+
+    `messages` counts the conversation's messages whose text the cache has taken in, including
+    those of turns since dropped to make room.
+    """
+
+    pinned: int = 0
+    turns: list[int] = field(default_factory=list)
+    messages: int = 0
+    dropped: int = 0
+
+    @property
+    def n_tokens(self) -> int:
+        return self.pinned + sum(self.turns)
+
+    def oldest_turn_span(self) -> tuple[int, int]:
+        return self.pinned, self.pinned + self.turns[0]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> KVLayout:
+        return cls(
+            pinned=int(data["pinned"]),
+            turns=[int(n) for n in data["turns"]],
+            messages=int(data["messages"]),
+            dropped=int(data.get("dropped", 0)),
+        )
+
+
+def split_turns(messages: list[Message]) -> list[list[Message]]:
+    """Group messages into turns: each user message starts one; a leading system prompt joins
+    the first."""
+    groups: list[list[Message]] = []
+    for message in messages:
+        starts_turn = message["role"] == "user" and not (
+            len(groups) == 1 and [m["role"] for m in groups[0]] == ["system"]
+        )
+        if not groups or starts_turn:
+            groups.append([message])
+        else:
+            groups[-1].append(message)
+    return groups
+
+
+def conversation_messages(records: list[dict[str, Any]]) -> list[Message]:
+    """The messages since the last reset, as the template sees them."""
+    messages: list[Message] = []
+    for record in records:
+        if record.get("event") == "reset":
+            messages = []
+        elif "role" in record:
+            messages.append({"role": record["role"], "content": record["content"]})
+    return messages
+
+
+def tokens_digest(tokens: list[int]) -> str:
+    return hashlib.sha256(",".join(map(str, tokens)).encode()).hexdigest()[:16]

@@ -1,0 +1,277 @@
+"""Model and context lifecycle over llama.cpp's C API (llama-cpp-python's low-level bindings).
+
+This module and its siblings in `engine/` are the only code that imports `llama_cpp`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import llama_cpp as lc
+
+from flashmem_cli.errors import EngineError, ModelNotFound
+
+_log_callback_ref = None
+
+
+def init_backend() -> None:
+    """Initialise llama.cpp once and silence its logging unless FLASHMEM_VERBOSE is set."""
+    global _log_callback_ref
+    if _log_callback_ref is not None:
+        return
+    verbose = os.environ.get("FLASHMEM_VERBOSE", "") not in ("", "0")
+
+    @lc.llama_log_callback  # type: ignore[misc]
+    def _log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+        if verbose:
+            os.write(2, text)
+
+    _log_callback_ref = _log
+    lc.llama_log_set(_log, ctypes.c_void_p(0))
+    lc.llama_backend_init()
+
+
+def supports_gpu_offload() -> bool:
+    return bool(lc.llama_supports_gpu_offload())
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    architecture: str
+    description: str
+    n_layer: int
+    n_head: int
+    n_head_kv: int
+    n_embd: int
+    n_ctx_train: int
+    n_vocab: int
+    n_params: int
+    n_swa: int
+    chat_template: str | None
+
+
+class Model:
+    """A loaded GGUF model and its vocabulary."""
+
+    def __init__(self, path: Path, n_gpu_layers: int | None = None, vocab_only: bool = False):
+        init_backend()
+        params = lc.llama_model_default_params()
+        if n_gpu_layers is None:
+            n_gpu_layers = 999 if supports_gpu_offload() else 0
+        params.n_gpu_layers = n_gpu_layers
+        params.vocab_only = vocab_only
+        self.path = Path(path)
+        self.n_gpu_layers = n_gpu_layers
+        self._ptr = lc.llama_model_load_from_file(str(self.path).encode(), params)
+        if not self._ptr:
+            raise ModelNotFound(f"llama.cpp could not load {self.path} (not a usable GGUF model)")
+        self._vocab = lc.llama_model_get_vocab(self._ptr)
+        self.n_vocab = lc.llama_vocab_n_tokens(self._vocab)
+        self.n_embd = lc.llama_model_n_embd(self._ptr)
+        self.bos = lc.llama_vocab_bos(self._vocab)
+        self.eos = lc.llama_vocab_eos(self._vocab)
+        self.add_bos = bool(lc.llama_vocab_get_add_bos(self._vocab))
+
+    @property
+    def ptr(self):  # noqa: ANN201 - a ctypes pointer
+        return self._ptr
+
+    def close(self) -> None:
+        if self._ptr:
+            lc.llama_model_free(self._ptr)
+            self._ptr = None
+
+    def __enter__(self) -> Model:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- vocabulary ---------------------------------------------------------------------------
+
+    def tokenize(
+        self, text: str, add_special: bool = False, parse_special: bool = True
+    ) -> list[int]:
+        data = text.encode("utf-8")
+        capacity = len(data) + 8
+        buf = (lc.llama_token * capacity)()
+        n = lc.llama_tokenize(
+            self._vocab, data, len(data), buf, capacity, add_special, parse_special
+        )
+        if n < 0:
+            capacity = -n
+            buf = (lc.llama_token * capacity)()
+            n = lc.llama_tokenize(
+                self._vocab, data, len(data), buf, capacity, add_special, parse_special
+            )
+        if n < 0:
+            raise EngineError(f"could not tokenize {len(data)} bytes of text")
+        return list(buf[:n])
+
+    def token_bytes(self, token: int, special: bool = False) -> bytes:
+        buf = ctypes.create_string_buffer(64)
+        n = lc.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, special)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = lc.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, special)
+        return buf.raw[:n]
+
+    def detokenize(self, tokens: list[int], special: bool = False) -> str:
+        return b"".join(self.token_bytes(t, special) for t in tokens).decode("utf-8", "replace")
+
+    def token_text(self, token: int) -> str:
+        """The vocabulary's own spelling of a token (`<bos>`, `<end_of_turn>`)."""
+        return (lc.llama_vocab_get_text(self._vocab, token) or b"").decode("utf-8", "replace")
+
+    def is_eog(self, token: int) -> bool:
+        return bool(lc.llama_vocab_is_eog(self._vocab, token))
+
+    # -- metadata -----------------------------------------------------------------------------
+
+    def meta(self, key: str) -> str | None:
+        buf = ctypes.create_string_buffer(4096)
+        n = lc.llama_model_meta_val_str(self._ptr, key.encode(), buf, len(buf))
+        if n < 0:
+            return None
+        return buf.value.decode("utf-8", "replace")
+
+    def chat_template(self) -> str | None:
+        raw = lc.llama_model_chat_template(self._ptr, None)
+        return raw.decode("utf-8", "replace") if raw else None
+
+    def info(self) -> ModelInfo:
+        desc = ctypes.create_string_buffer(256)
+        lc.llama_model_desc(self._ptr, desc, len(desc))
+        return ModelInfo(
+            architecture=self.meta("general.architecture") or "unknown",
+            description=desc.value.decode("utf-8", "replace"),
+            n_layer=lc.llama_model_n_layer(self._ptr),
+            n_head=lc.llama_model_n_head(self._ptr),
+            n_head_kv=lc.llama_model_n_head_kv(self._ptr),
+            n_embd=self.n_embd,
+            n_ctx_train=lc.llama_model_n_ctx_train(self._ptr),
+            n_vocab=self.n_vocab,
+            n_params=lc.llama_model_n_params(self._ptr),
+            n_swa=lc.llama_model_n_swa(self._ptr),
+            chat_template=self.chat_template(),
+        )
+
+
+@dataclass(frozen=True)
+class ContextParams:
+    n_ctx: int
+    n_batch: int = 512
+    n_threads: int = 2
+    n_seq_max: int = 1
+    flash_attn: bool = False
+
+
+class Context:
+    """A llama.cpp context: one KV cache that holds up to `n_seq_max` sequences."""
+
+    def __init__(self, model: Model, params: ContextParams):
+        cparams = lc.llama_context_default_params()
+        cparams.n_ctx = params.n_ctx
+        cparams.n_batch = min(params.n_batch, params.n_ctx)
+        cparams.n_ubatch = cparams.n_batch
+        cparams.n_seq_max = params.n_seq_max
+        cparams.n_threads = params.n_threads
+        cparams.n_threads_batch = params.n_threads
+        cparams.flash_attn_type = (
+            lc.LLAMA_FLASH_ATTN_TYPE_ENABLED
+            if params.flash_attn
+            else lc.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        )
+        # Full-size sliding-window cache: needed to restore, trim and shift saved sequences.
+        cparams.swa_full = True
+        self.model = model
+        self.params = params
+        self._ptr = lc.llama_init_from_model(model.ptr, cparams)
+        if not self._ptr:
+            raise EngineError(f"llama.cpp could not create a context of {params.n_ctx} tokens")
+        self.n_ctx = lc.llama_n_ctx(self._ptr)
+        self.n_batch = lc.llama_n_batch(self._ptr)
+        self._memory = lc.llama_get_memory(self._ptr)
+        self._batch = lc.llama_batch_init(self.n_batch, 0, 1)
+
+    @property
+    def ptr(self):  # noqa: ANN201 - a ctypes pointer
+        return self._ptr
+
+    def close(self) -> None:
+        if self._ptr:
+            lc.llama_batch_free(self._batch)
+            lc.llama_free(self._ptr)
+            self._ptr = None
+
+    def __enter__(self) -> Context:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def decode(self, tokens: list[int], start_pos: int, seq_id: int = 0) -> None:
+        """Decode `tokens` at positions start_pos..; logits are kept for the last one only."""
+        for offset in range(0, len(tokens), self.n_batch):
+            chunk = tokens[offset : offset + self.n_batch]
+            is_last_chunk = offset + len(chunk) == len(tokens)
+            self._fill_batch(chunk, start_pos + offset, seq_id, is_last_chunk)
+            rc = lc.llama_decode(self._ptr, self._batch)
+            if rc != 0:
+                raise EngineError(
+                    f"llama_decode failed (code {rc}) at position {start_pos + offset}"
+                )
+
+    def _fill_batch(
+        self, tokens: list[int], start_pos: int, seq_id: int, want_logits: bool
+    ) -> None:
+        batch = self._batch
+        batch.n_tokens = len(tokens)
+        for i, token in enumerate(tokens):
+            batch.token[i] = token
+            batch.pos[i] = start_pos + i
+            batch.n_seq_id[i] = 1
+            batch.seq_id[i][0] = seq_id
+            batch.logits[i] = False
+        batch.logits[len(tokens) - 1] = want_logits
+
+    def logits_ptr(self, index: int = -1):  # noqa: ANN201 - a ctypes float pointer
+        return lc.llama_get_logits_ith(self._ptr, index)
+
+    # -- KV memory ------------------------------------------------------------------------------
+
+    def remove(self, seq_id: int, p0: int, p1: int) -> None:
+        if not lc.llama_memory_seq_rm(self._memory, seq_id, p0, p1):
+            raise EngineError(
+                f"llama.cpp could not remove positions {p0}..{p1} of sequence {seq_id}"
+            )
+
+    def shift(self, seq_id: int, p0: int, p1: int, delta: int) -> None:
+        lc.llama_memory_seq_add(self._memory, seq_id, p0, p1, delta)
+
+    def clear(self) -> None:
+        lc.llama_memory_clear(self._memory, True)
+
+    def save_sequence(self, path: Path, tokens: list[int], seq_id: int = 0) -> int:
+        arr = (lc.llama_token * max(len(tokens), 1))(*tokens)
+        written = lc.llama_state_seq_save_file(
+            self._ptr, str(path).encode(), seq_id, arr, len(tokens)
+        )
+        if written == 0:
+            raise EngineError(f"llama.cpp could not save the KV state to {path}")
+        return int(written)
+
+    def load_sequence(self, path: Path, seq_id: int = 0) -> list[int] | None:
+        """Restore a saved sequence; None when the file is corrupt, truncated or does not fit."""
+        arr = (lc.llama_token * self.n_ctx)()
+        count = ctypes.c_size_t(0)
+        read = lc.llama_state_seq_load_file(
+            self._ptr, str(path).encode(), seq_id, arr, self.n_ctx, ctypes.byref(count)
+        )
+        if read == 0:
+            self.remove(seq_id, -1, -1)
+            return None
+        return list(arr[: count.value])

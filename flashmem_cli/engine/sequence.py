@@ -1,0 +1,65 @@
+"""One sequence's KV cache, with the tokens it holds kept in step with llama.cpp."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from flashmem_cli.engine.backend import Context
+from flashmem_cli.errors import EngineError
+
+
+class KVSequence:
+    """Positions 0..n-1 of sequence `seq_id` hold exactly `tokens`, with no gaps."""
+
+    def __init__(self, ctx: Context, seq_id: int = 0):
+        self.ctx = ctx
+        self.seq_id = seq_id
+        self.tokens: list[int] = []
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def free(self) -> int:
+        return self.ctx.n_ctx - len(self.tokens)
+
+    def feed(self, tokens: list[int]) -> None:
+        """Decode `tokens` after what the sequence holds; the last one's logits become current."""
+        if not tokens:
+            return
+        if len(tokens) > self.free:
+            raise EngineError(f"{len(tokens)} tokens do not fit the {self.free} free context slots")
+        start = len(self.tokens)
+        try:
+            self.ctx.decode(tokens, start, self.seq_id)
+        except EngineError:
+            self.ctx.remove(self.seq_id, start, -1)
+            raise
+        self.tokens.extend(tokens)
+
+    def drop(self, start: int, end: int) -> None:
+        """Remove positions [start, end) and shift the rest down to close the gap."""
+        if not 0 <= start <= end <= len(self.tokens):
+            raise ValueError(f"bad span {start}..{end} of {len(self.tokens)} tokens")
+        if start == end:
+            return
+        self.ctx.remove(self.seq_id, start, end)
+        self.ctx.shift(self.seq_id, end, -1, start - end)
+        del self.tokens[start:end]
+
+    def clear(self) -> None:
+        self.ctx.remove(self.seq_id, -1, -1)
+        self.tokens = []
+
+    def save(self, path: Path) -> int:
+        """Write the KV state and tokens to `path`; returns the bytes written."""
+        return self.ctx.save_sequence(path, self.tokens, self.seq_id)
+
+    def load(self, path: Path) -> bool:
+        """Replace the sequence with a saved one; False (and empty) when the file is unusable."""
+        self.clear()
+        tokens = self.ctx.load_sequence(path, self.seq_id)
+        if tokens is None:
+            return False
+        self.tokens = tokens
+        return True

@@ -1,0 +1,213 @@
+"""Sessions on disk: one directory per conversation, written atomically, locked while in use.
+
+<sessions dir>/<name>/
+  meta.json         format version, model, n_ctx, settings, what the KV state holds
+  transcript.jsonl  every message, append-only and fsync'd: the source of truth
+  state.bin         the KV cache of the conversation (llama_state_seq_save_file)
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from flashmem_cli.errors import InvalidSessionName, SessionCorrupt, SessionInUse, SessionNotFound
+from flashmem_cli.store.files import append_jsonl, atomic_write_json, commit_temp, temp_path_beside
+
+FORMAT_VERSION = 1
+NAME_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
+META = "meta.json"
+TRANSCRIPT = "transcript.jsonl"
+STATE = "state.bin"
+LOCK = ".lock"
+
+
+def validate_name(name: str) -> str:
+    if not NAME_PATTERN.fullmatch(name) or name in (".", ".."):
+        raise InvalidSessionName(
+            f"invalid session name {name!r}: use 1-64 characters of A-Z a-z 0-9 . _ -"
+        )
+    return name
+
+
+def generated_name() -> str:
+    return datetime.now().strftime("chat-%Y%m%d-%H%M%S")
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass(frozen=True)
+class SessionSummary:
+    name: str
+    messages: int
+    updated: str
+    model: str
+    state_bytes: int
+
+
+class Session:
+    """An open, locked session directory."""
+
+    def __init__(self, directory: Path, lock_fd: int):
+        self.dir = directory
+        self.name = directory.name
+        self._lock_fd: int | None = lock_fd
+        self.meta: dict[str, Any] = read_meta(directory)
+
+    @property
+    def state_path(self) -> Path:
+        return self.dir / STATE
+
+    @property
+    def transcript_path(self) -> Path:
+        return self.dir / TRANSCRIPT
+
+    def records(self) -> list[dict[str, Any]]:
+        return read_transcript(self.dir)
+
+    def append(self, record: dict[str, Any]) -> None:
+        append_jsonl(self.transcript_path, {**record, "ts": now_iso()})
+
+    def save_meta(self) -> None:
+        self.meta["updated"] = now_iso()
+        atomic_write_json(self.dir / META, self.meta)
+
+    def save_state(self, write: Callable[[Path], object]) -> None:
+        """`write(tmp_path)` writes the state; it replaces state.bin only once complete."""
+        tmp = temp_path_beside(self.state_path)
+        try:
+            write(tmp)
+            commit_temp(tmp, self.state_path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        if self._lock_fd is not None:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class SessionStore:
+    def __init__(self, root: Path):
+        self.root = root
+
+    def path(self, name: str) -> Path:
+        return self.root / validate_name(name)
+
+    def exists(self, name: str) -> bool:
+        return (self.path(name) / META).is_file()
+
+    def open(self, name: str, create: bool = True) -> Session:
+        """Lock and open a session, creating it when `create` is set."""
+        directory = self.path(name)
+        if not (directory / META).is_file():
+            if not create:
+                raise SessionNotFound(f"no session named {name!r} (flashmem sessions list)")
+            directory.mkdir(parents=True, exist_ok=True)
+        lock_fd = _lock(directory, name)
+        if not (directory / META).is_file():
+            atomic_write_json(directory / META, new_meta(name))
+            (directory / TRANSCRIPT).touch()
+        return Session(directory, lock_fd)
+
+    def list(self) -> list[SessionSummary]:
+        if not self.root.is_dir():
+            return []
+        return [summarize(d) for d in sorted(self.root.iterdir()) if (d / META).is_file()]
+
+    def remove(self, name: str) -> Path:
+        """Move a session to the trash (the transcript is never destroyed); returns where."""
+        with self.open(name, create=False) as session:
+            trash = self.root.parent / "trash"
+            trash.mkdir(parents=True, exist_ok=True)
+            target = trash / f"{name}-{int(time.time())}"
+            shutil.move(str(session.dir), target)
+        return target
+
+
+def new_meta(name: str) -> dict[str, Any]:
+    stamp = now_iso()
+    return {
+        "format": FORMAT_VERSION,
+        "name": name,
+        "created": stamp,
+        "updated": stamp,
+        "model": None,
+        "n_ctx": None,
+        "kv": None,
+    }
+
+
+def read_meta(directory: Path) -> dict[str, Any]:
+    try:
+        meta = json.loads((directory / META).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise SessionCorrupt(
+            f"session {directory.name!r} has an unreadable meta.json: {exc}"
+        ) from exc
+    if meta.get("format") != FORMAT_VERSION:
+        raise SessionCorrupt(
+            f"session {directory.name!r} has format {meta.get('format')}, expected {FORMAT_VERSION}"
+        )
+    return meta
+
+
+def read_transcript(directory: Path) -> list[dict[str, Any]]:
+    """Every whole record; a torn last line (a crash mid-append) is skipped, not removed."""
+    path = directory / TRANSCRIPT
+    if not path.exists():
+        return []
+    records = []
+    lines = path.read_text(encoding="utf-8").splitlines()
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number != len(lines):
+                raise SessionCorrupt(
+                    f"{path} line {number} is not valid JSON; fix or remove that line by hand"
+                ) from None
+    return records
+
+
+def summarize(directory: Path) -> SessionSummary:
+    meta = read_meta(directory)
+    records = read_transcript(directory)
+    state = directory / STATE
+    return SessionSummary(
+        name=directory.name,
+        messages=sum(1 for r in records if "role" in r),
+        updated=meta.get("updated", ""),
+        model=(meta.get("model") or {}).get("name", "-"),
+        state_bytes=state.stat().st_size if state.exists() else 0,
+    )
+
+
+def _lock(directory: Path, name: str) -> int:
+    fd = os.open(directory / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise SessionInUse(f"session {name} is in use by another flashmem process") from None
+    return fd
