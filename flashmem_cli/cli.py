@@ -1,0 +1,407 @@
+"""The `flashmem` command: parses flags, calls the library, renders with rich. No model logic."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from flashmem_cli import models
+from flashmem_cli.chat.conversation import (
+    ChatOptions,
+    Conversation,
+    TurnResult,
+    open_conversation,
+)
+from flashmem_cli.chat.layout import conversation_messages
+from flashmem_cli.config import DEFAULT_CTX, DEFAULT_N_PREDICT, models_dir, sessions_dir
+from flashmem_cli.engine.sampling import RANDOM_SEED, SamplingParams
+from flashmem_cli.errors import FlashmemError
+from flashmem_cli.store.sessions import (
+    SessionStore,
+    generated_name,
+    read_meta,
+    read_transcript,
+    validate_name,
+)
+
+app = typer.Typer(
+    help="Local LLM chat whose memory lives on disk: a turn costs only its own tokens.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+sessions_app = typer.Typer(
+    help="List, show, export and remove chat sessions.", no_args_is_help=True
+)
+models_app = typer.Typer(help="The GGUF models flashmem can use.", no_args_is_help=True)
+app.add_typer(sessions_app, name="sessions")
+app.add_typer(models_app, name="models")
+
+console = Console()
+err_console = Console(stderr=True, soft_wrap=True)
+
+ModelOpt = Annotated[
+    str | None,
+    typer.Option(
+        "-m",
+        "--model",
+        help="GGUF path or name in models/ [env FLASHMEM_MODEL; default: the "
+        "session's model, else gemma-3-270m-q4_k_m]",
+        show_default=False,
+    ),
+]
+
+
+def store() -> SessionStore:
+    return SessionStore(sessions_dir())
+
+
+@app.command()
+def chat(
+    session: Annotated[
+        str | None,
+        typer.Option("--session", "-s", help="Session name ([A-Za-z0-9._-], 1-64); new if absent."),
+    ] = None,
+    prompt: Annotated[
+        str | None, typer.Option("-p", "--prompt", help="One message, print the reply, exit.")
+    ] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="One-shot: print one JSON object.")
+    ] = False,
+    model: ModelOpt = None,
+    ctx_size: Annotated[
+        int | None,
+        typer.Option(
+            "-c",
+            "--ctx-size",
+            help=f"Context tokens [default: the session's, else {DEFAULT_CTX}]",
+            min=64,
+        ),
+    ] = None,
+    n_gpu_layers: Annotated[
+        int | None,
+        typer.Option(
+            "-ngl",
+            "--n-gpu-layers",
+            help="Layers to offload [default: all when the build has GPU offload]",
+        ),
+    ] = None,
+    threads: Annotated[
+        int | None, typer.Option("-t", "--threads", help="CPU threads.", min=1)
+    ] = None,
+    n_predict: Annotated[
+        int,
+        typer.Option(
+            "-n", "--n-predict", help="Most tokens per reply (-1: until the model stops)."
+        ),
+    ] = DEFAULT_N_PREDICT,
+    temp: Annotated[float, typer.Option("--temp", help="Temperature; 0 is greedy.", min=0.0)] = 0.8,
+    top_k: Annotated[int, typer.Option("--top-k", min=0)] = 40,
+    top_p: Annotated[float, typer.Option("--top-p", min=0.0, max=1.0)] = 0.95,
+    min_p: Annotated[float, typer.Option("--min-p", min=0.0, max=1.0)] = 0.05,
+    seed: Annotated[int, typer.Option("--seed", help="Sampling seed; -1 is random.")] = -1,
+    system: Annotated[
+        str | None, typer.Option("-sys", "--system", help="System prompt of a new session.")
+    ] = None,
+    stateless: Annotated[
+        bool,
+        typer.Option(
+            "--stateless",
+            help="Ignore the stored KV state and re-process the whole transcript (the baseline other CLIs are).",
+        ),
+    ] = False,
+    rebuild: Annotated[
+        bool, typer.Option("--rebuild", help="Re-process the transcript into a fresh KV state.")
+    ] = False,
+) -> None:
+    """Chat in a session that lives on disk and resumes from its saved KV cache.
+
+    Flash attention is off (the memory monitor reads attention probabilities).
+    Standard input that is not a terminal is read as one message.
+    """
+    name = validate_name(session) if session else generated_name()
+    if prompt is None and not sys.stdin.isatty():
+        prompt = sys.stdin.read().removesuffix("\n")
+    options = ChatOptions(
+        model=model,
+        n_ctx=ctx_size,
+        n_gpu_layers=n_gpu_layers,
+        n_predict=n_predict,
+        sampling=SamplingParams(
+            temperature=temp,
+            top_k=top_k,
+            top_p=top_p,
+            min_p=min_p,
+            seed=RANDOM_SEED if seed < 0 else seed,
+        ),
+        stateless=stateless,
+        rebuild=rebuild,
+        **({"n_threads": threads} if threads else {}),
+    )
+    if session is None and not as_json:
+        err_console.print(f"[dim]new session:[/] [bold]{name}[/]")
+    with open_conversation(store(), name, options) as conversation:
+        if system:
+            conversation.set_system_prompt(system)
+        if prompt is not None:
+            one_shot(conversation, prompt, as_json)
+        else:
+            repl(conversation)
+
+
+def one_shot(conversation: Conversation, prompt: str, as_json: bool) -> None:
+    if as_json:
+        result = conversation.send(prompt)
+        console.print_json(data=turn_json(conversation, result))
+        return
+    result = conversation.send(prompt, on_text=lambda text: print(text, end="", flush=True))
+    print()
+    report_turn(result)
+    err_console.print(
+        f"[dim]{result.new_prompt_tokens} new prompt tokens, {result.cached_tokens} cached, "
+        f"{result.generated_tokens} generated · first token after "
+        f"{result.timings_ms['ttft']:.0f} ms[/]"
+    )
+
+
+def turn_json(conversation: Conversation, result: TurnResult) -> dict[str, Any]:
+    return {
+        "session": conversation.session.name,
+        "reply": result.reply,
+        "prompt_text": result.prompt_text,
+        "finish_reason": result.finish_reason,
+        "tokens": {
+            "new_prompt": result.new_prompt_tokens,
+            "cached": result.cached_tokens,
+            "generated": result.generated_tokens,
+        },
+        "dropped_turns": result.dropped_turns,
+        "timings_ms": {"load_model": conversation.loaded.load_ms, **result.timings_ms},
+    }
+
+
+def report_turn(result: TurnResult) -> None:
+    if result.dropped_turns:
+        err_console.print(
+            f"[yellow]context full: dropped the {result.dropped_turns} oldest turn(s) from the KV "
+            "cache (the transcript keeps them)[/]"
+        )
+    if result.finish_reason == "length":
+        err_console.print("[dim](reply cut at the token limit)[/]")
+
+
+REPL_HELP = """[bold]/help[/]    this list
+[bold]/exit[/]    leave (also Ctrl-D)
+[bold]/reset[/]   start the conversation over (the transcript keeps everything)
+[bold]/stats[/]   what the KV cache holds
+[bold]/memory[/]  the cache's layout: pinned prefix, turns kept, turns dropped
+End a line with \\ to continue it; a line of \"\"\" starts or ends a block."""
+
+
+def repl(conversation: Conversation) -> None:
+    stats = conversation.stats()
+    err_console.print(
+        f"[dim]session[/] [bold]{stats['session']}[/] [dim]· {stats['model']} · "
+        f"{stats['kv_tokens']} tokens cached · /help[/]"
+    )
+    while True:
+        text = read_message()
+        if text is None or text.strip() == "/exit":
+            return
+        if text.strip().startswith("/"):
+            run_slash_command(conversation, text.strip())
+            continue
+        if not text.strip():
+            continue
+        console.print("[bold cyan]model>[/] ", end="")
+        result = conversation.send(
+            text, on_text=lambda piece: console.out(piece, end="", highlight=False)
+        )
+        console.out("")
+        report_turn(result)
+
+
+def read_message() -> str | None:
+    """One message from the terminal: `\\` continues a line, `\"\"\"` fences a block."""
+    lines: list[str] = []
+    in_block = False
+    while True:
+        try:
+            line = console.input("[bold green]you>[/] " if not lines else "[dim]...[/]  ")
+        except EOFError:
+            return None if not lines else "\n".join(lines)
+        if line.strip() == '"""':
+            if in_block:
+                return "\n".join(lines)
+            in_block = True
+            continue
+        if in_block:
+            lines.append(line)
+        elif line.endswith("\\"):
+            lines.append(line[:-1])
+        else:
+            lines.append(line)
+            return "\n".join(lines)
+
+
+def run_slash_command(conversation: Conversation, command: str) -> None:
+    if command == "/help":
+        console.print(REPL_HELP)
+    elif command == "/reset":
+        conversation.reset()
+        console.print("[dim]conversation reset; the transcript keeps the old turns[/]")
+    elif command in ("/stats", "/memory"):
+        table = Table(show_header=False, box=None)
+        for key, value in conversation.stats().items():
+            table.add_row(f"[dim]{key}[/]", str(value))
+        console.print(table)
+    else:
+        console.print(f"[red]unknown command {command}[/] (/help lists them)")
+
+
+# -- sessions ---------------------------------------------------------------------------------
+
+
+@sessions_app.command("list")
+def sessions_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Every session, newest activity last."""
+    summaries = store().list()
+    if as_json:
+        console.print_json(data=[s.__dict__ for s in summaries])
+        return
+    table = Table("session", "messages", "model", "KV state", "updated")
+    for s in summaries:
+        table.add_row(s.name, str(s.messages), s.model, human_bytes(s.state_bytes), s.updated)
+    console.print(table if summaries else f"[dim]no sessions in {sessions_dir()}[/]")
+
+
+@sessions_app.command("show")
+def sessions_show(name: str, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """A session's settings and its conversation."""
+    meta, records = load_session_files(name)
+    if as_json:
+        console.print_json(data={"meta": meta, "transcript": records})
+        return
+    kv = meta.get("kv") or {}
+    console.print(
+        f"[bold]{name}[/] · model {(meta.get('model') or {}).get('name', '-')} · "
+        f"-c {meta.get('n_ctx')} · {kv.get('n_tokens', 0)} tokens cached · "
+        f"{(kv.get('layout') or {}).get('dropped', 0)} turns dropped from the cache"
+    )
+    for message in conversation_messages(records):
+        console.print(f"[bold]{message['role']}>[/] ", end="")
+        console.out(message["content"], highlight=False)
+
+
+@sessions_app.command("export")
+def sessions_export(
+    name: str,
+    fmt: Annotated[str, typer.Option("--format", "-f", help="md or json")] = "md",
+    output: Annotated[
+        Path | None, typer.Option("-o", "--output", help="File; default stdout.")
+    ] = None,
+) -> None:
+    """The whole transcript (resets included) as Markdown or JSON."""
+    if fmt not in ("md", "json"):
+        raise FlashmemError(f"unknown format {fmt!r}: use md or json")
+    meta, records = load_session_files(name)
+    text = export_json(name, meta, records) if fmt == "json" else export_markdown(name, records)
+    if output:
+        output.write_text(text, encoding="utf-8")
+        err_console.print(f"[dim]wrote {output}[/]")
+    else:
+        sys.stdout.write(text)
+
+
+@sessions_app.command("rm")
+def sessions_rm(name: str) -> None:
+    """Move a session to the trash folder beside the sessions folder."""
+    target = store().remove(name)
+    console.print(f"moved session {name} to {target}")
+
+
+def load_session_files(name: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    directory = store().path(name)
+    if not (directory / "meta.json").is_file():
+        raise FlashmemError(f"no session named {name!r} (flashmem sessions list)")
+    return read_meta(directory), read_transcript(directory)
+
+
+def export_markdown(name: str, records: list[dict[str, Any]]) -> str:
+    parts = [f"# {name}\n"]
+    for record in records:
+        if record.get("event") == "reset":
+            parts.append("---\n\n*conversation reset*\n")
+        elif "role" in record:
+            parts.append(f"## {record['role']}\n\n{record['content']}\n")
+    return "\n".join(parts)
+
+
+def export_json(name: str, meta: dict[str, Any], records: list[dict[str, Any]]) -> str:
+    return json.dumps({"session": name, "meta": meta, "transcript": records}, indent=2) + "\n"
+
+
+# -- models -----------------------------------------------------------------------------------
+
+
+@models_app.command("list")
+def models_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """GGUF files in models/."""
+    paths = models.available()
+    rows = [
+        {"name": p.name.removesuffix(".gguf"), "path": str(p), "size": p.stat().st_size}
+        for p in paths
+    ]
+    if as_json:
+        console.print_json(data=rows)
+        return
+    table = Table("name", "size", "path")
+    for row in rows:
+        default = " [dim](default)[/]" if row["name"] == models.DEFAULT_MODEL else ""
+        table.add_row(f"{row['name']}{default}", human_bytes(row["size"]), row["path"])
+    console.print(table if rows else f"[dim]no GGUF files in {models_dir()}[/]")
+
+
+@models_app.command("info")
+def models_info(
+    model: Annotated[
+        str | None, typer.Argument(help="Name or path [default: the default model]")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Path, size, architecture, layers, context length, chat template, fingerprint."""
+    info = models.inspect(models.resolve(model))
+    if as_json:
+        console.print_json(data=info)
+        return
+    table = Table(show_header=False, box=None)
+    for key, value in info.items():
+        table.add_row(f"[dim]{key}[/]", human_bytes(value) if key == "size" else str(value))
+    console.print(table)
+
+
+def human_bytes(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1024 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"
+
+
+def main() -> None:
+    """Entry point: domain errors become one line on stderr and exit code 1."""
+    try:
+        app()
+    except FlashmemError as exc:
+        err_console.print(f"[red]error:[/] {escape(str(exc))}", highlight=False)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)

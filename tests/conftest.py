@@ -1,0 +1,48 @@
+"""Shared fixtures. Model tests use the real default model that `make install` assembles."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from flashmem_cli.models import DEFAULT_MODEL
+from flashmem_cli.config import models_dir
+
+MODEL_PATH = models_dir() / f"{DEFAULT_MODEL}.gguf"
+
+
+@pytest.fixture(scope="session")
+def model_path() -> Path:
+    assert MODEL_PATH.is_file(), f"{MODEL_PATH} is missing: run `make install`"
+    return MODEL_PATH
+
+
+@pytest.fixture()
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """All user state goes to a fresh directory."""
+    monkeypatch.setenv("FLASHMEM_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("FLASHMEM_MODEL", raising=False)
+    return tmp_path / "home"
+
+
+def run_cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    """`flashmem ARGS` in a new process, with the test's environment (FLASHMEM_HOME)."""
+    return subprocess.run(
+        [sys.executable, "-m", "flashmem_cli", *args],
+        input=stdin if stdin is not None else "",
+        capture_output=True,
+        text=True,
+        env={**os.environ, "COLUMNS": "200"},
+        timeout=300,
+    )
+
+
+def run_json(*args: str) -> dict:
+    proc = run_cli(*args, "--json")
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
