@@ -363,9 +363,10 @@ def models_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> Non
         console.print_json(data=rows)
         return
     table = Table("name", "size", "path")
-    for row in rows:
-        default = " [dim](default)[/]" if row["name"] == models.DEFAULT_MODEL else ""
-        table.add_row(f"{row['name']}{default}", human_bytes(row["size"]), row["path"])
+    for path in paths:
+        name = path.name.removesuffix(".gguf")
+        default = " [dim](default)[/]" if name == models.DEFAULT_MODEL else ""
+        table.add_row(f"{name}{default}", human_bytes(path.stat().st_size), str(path))
     console.print(table if rows else f"[dim]no GGUF files in {models_dir()}[/]")
 
 
@@ -383,7 +384,8 @@ def models_info(
         return
     table = Table(show_header=False, box=None)
     for key, value in info.items():
-        table.add_row(f"[dim]{key}[/]", human_bytes(value) if key == "size" else str(value))
+        shown = human_bytes(value) if isinstance(value, int) and key == "size" else str(value)
+        table.add_row(f"[dim]{key}[/]", shown)
     console.print(table)
 
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from flashmem_cli.models import DEFAULT_MODEL
 from flashmem_cli.config import models_dir
+from flashmem_cli.models import DEFAULT_MODEL
 
 MODEL_PATH = models_dir() / f"{DEFAULT_MODEL}.gguf"
 

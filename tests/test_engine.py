@@ -66,7 +66,10 @@ def test_saved_sequence_restores_the_same_next_token(model_path, tmp_path):
 
 
 def test_dropping_a_span_closes_the_position_gap(model_path):
-    with Model(model_path, n_gpu_layers=0) as model, Context(model, ContextParams(n_ctx=256)) as ctx:
+    with (
+        Model(model_path, n_gpu_layers=0) as model,
+        Context(model, ContextParams(n_ctx=256)) as ctx,
+    ):
         seq = KVSequence(ctx)
         head = model.tokenize("<bos>Numbers:")
         middle = model.tokenize(" one two three four five six")

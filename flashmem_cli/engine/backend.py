@@ -24,7 +24,7 @@ def init_backend() -> None:
         return
     verbose = os.environ.get("FLASHMEM_VERBOSE", "") not in ("", "0")
 
-    @lc.llama_log_callback  # type: ignore[misc]
+    @lc.llama_log_callback
     def _log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
         if verbose:
             os.write(2, text)

@@ -1,0 +1,179 @@
+"""Chat sessions end to end on the real default model: resume, bad input, a full context."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import run_cli, run_json
+
+from flashmem_cli.chat.conversation import ChatOptions, open_conversation
+from flashmem_cli.config import sessions_dir
+from flashmem_cli.engine.backend import Model
+from flashmem_cli.engine.sampling import SamplingParams
+from flashmem_cli.store.sessions import SessionStore
+
+FLAGS = ["--temp", "0", "-n", "12", "-c", "512", "-t", "2"]
+TURNS = ["Tell me about cats.", "And dogs?", "Which is better?"]
+
+
+def transcript(home, name):
+    path = home / "sessions" / name / "transcript.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def own_turn_tokens(model_path, message):
+    with Model(model_path, n_gpu_layers=0) as model:
+        text = f"<start_of_turn>user\n{message}<end_of_turn>\n<start_of_turn>model\n"
+        return len(model.tokenize(text))
+
+
+def test_resumed_in_new_processes_equals_one_process(home, model_path):
+    options = ChatOptions(n_ctx=512, n_threads=2, n_predict=12, sampling=SamplingParams(0))
+    with open_conversation(SessionStore(sessions_dir()), "one", options) as conversation:
+        in_process = [conversation.send(text).reply for text in TURNS]
+
+    results = [run_json("chat", "-s", "many", *FLAGS, "-p", text) for text in TURNS]
+    assert [r["reply"] for r in results] == in_process
+    for text, result in zip(TURNS[1:], results[1:], strict=True):
+        assert result["tokens"]["new_prompt"] == own_turn_tokens(model_path, text)
+        assert result["tokens"]["cached"] > 0
+    assert results[2]["tokens"]["cached"] > results[1]["tokens"]["cached"]
+    assert [r["content"] for r in transcript(home, "many")] == [
+        part for text, r in zip(TURNS, results, strict=True) for part in (text, r["reply"])
+    ]
+
+
+def test_json_output_has_the_documented_fields(home, model_path):
+    result = run_json("chat", "-s", "j", *FLAGS, "-p", "Hi")
+    assert set(result) >= {"session", "reply", "prompt_text", "tokens", "timings_ms"}
+    assert set(result["tokens"]) == {"new_prompt", "cached", "generated"}
+    assert set(result["timings_ms"]) >= {"load_model", "restore", "prefill", "ttft", "total"}
+    assert result["prompt_text"].startswith("<bos><start_of_turn>user\nHi")
+
+
+def test_stdin_is_one_message_and_system_prompt_leads(home, model_path):
+    proc = run_cli("chat", "-s", "in", *FLAGS, "-sys", "Be brief.", stdin="line one\nline two\n")
+    assert proc.returncode == 0, proc.stderr
+    records = transcript(home, "in")
+    assert records[0] == {**records[0], "role": "system", "content": "Be brief."}
+    assert records[1]["content"] == "line one\nline two"
+
+
+def test_stateless_reprocesses_everything_and_keeps_appending(home, model_path):
+    first = run_json("chat", "-s", "st", *FLAGS, "-p", "One")
+    second = run_json("chat", "-s", "st", *FLAGS, "-p", "Two", "--stateless")
+    assert second["tokens"]["cached"] == 0
+    assert second["tokens"]["new_prompt"] > first["tokens"]["new_prompt"]
+    third = run_json("chat", "-s", "st", *FLAGS, "-p", "Three")  # catches up on "Two"
+    assert third["tokens"]["cached"] > 0
+    assert [r["content"] for r in transcript(home, "st") if r["role"] == "user"] == [
+        "One",
+        "Two",
+        "Three",
+    ]
+
+
+# -- bad input: one line, non-zero exit, transcript intact ------------------------------------
+
+
+def assert_one_line_error(proc, fragment):
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error:") and fragment in lines[0], lines[0]
+    assert "Traceback" not in proc.stderr
+
+
+def test_missing_model_lists_models_dir(home, model_path):
+    proc = run_cli("chat", "-s", "m", "-m", "no-such-model", "-p", "hi")
+    assert_one_line_error(proc, "not found")
+    assert "gemma-3-270m-q4_k_m" in proc.stderr
+
+
+def test_a_file_that_is_not_gguf_is_refused(home, model_path, tmp_path):
+    fake = tmp_path / "fake.gguf"
+    fake.write_text("hello")
+    assert_one_line_error(run_cli("chat", "-s", "m", "-m", str(fake), "-p", "hi"), "not a GGUF")
+
+
+def test_invalid_session_name(home):
+    assert_one_line_error(run_cli("chat", "-s", "no/slashes", "-p", "hi"), "invalid session name")
+
+
+def test_session_in_use(home, model_path):
+    run_json("chat", "-s", "busy", *FLAGS, "-p", "first")
+    before = transcript(home, "busy")
+    with SessionStore(sessions_dir()).open("busy"):
+        proc = run_cli("chat", "-s", "busy", *FLAGS, "-p", "second")
+    assert_one_line_error(proc, "session busy is in use")
+    assert transcript(home, "busy") == before
+
+
+@pytest.mark.parametrize(
+    "damage, fragment",
+    [
+        ("fingerprint", "made by model"),
+        ("n_ctx", "-c 512"),
+        ("corrupt", "corrupt or truncated"),
+        ("truncate", "corrupt or truncated"),
+        ("tokens", "does not match meta.json"),
+    ],
+)
+def test_mismatched_state_is_refused_then_rebuilt(home, model_path, damage, fragment):
+    run_json("chat", "-s", "d", *FLAGS, "-p", "Remember the word apple.")
+    session_dir = home / "sessions" / "d"
+    flags = list(FLAGS)
+    if damage == "fingerprint":
+        meta = json.loads((session_dir / "meta.json").read_text())
+        meta["kv"]["fingerprint"] = "0" * 16
+        (session_dir / "meta.json").write_text(json.dumps(meta))
+    elif damage == "n_ctx":
+        flags[flags.index("-c") + 1] = "1024"
+    elif damage == "corrupt":
+        (session_dir / "state.bin").write_bytes(b"\0" * 4096)
+    elif damage == "truncate":
+        data = (session_dir / "state.bin").read_bytes()
+        (session_dir / "state.bin").write_bytes(data[: len(data) // 2])
+    elif damage == "tokens":
+        meta = json.loads((session_dir / "meta.json").read_text())
+        meta["kv"]["n_tokens"] += 1
+        (session_dir / "meta.json").write_text(json.dumps(meta))
+    before = transcript(home, "d")
+
+    proc = run_cli("chat", "-s", "d", *flags, "-p", "What word?")
+    assert_one_line_error(proc, fragment)
+    assert "--rebuild" in proc.stderr
+    assert transcript(home, "d") == before
+
+    rebuilt = run_json("chat", "-s", "d", *flags, "-p", "What word?", "--rebuild")
+    assert rebuilt["tokens"]["cached"] > 0  # the transcript was re-processed into the cache
+    assert transcript(home, "d")[: len(before)] == before
+    again = run_json("chat", "-s", "d", *flags, "-p", "Thanks.")
+    assert again["tokens"]["new_prompt"] == own_turn_tokens(model_path, "Thanks.")
+
+
+def test_full_context_drops_oldest_turns_and_keeps_the_transcript(home, model_path):
+    flags = ["--temp", "0", "-n", "24", "-c", "256", "-t", "2", "-sys", "You are a bot."]
+    message = "Here is a fairly long message about gardening, tomatoes and the weather. " * 2
+    dropped = []
+    for i in range(6):
+        result = run_json("chat", "-s", "full", *flags, "-p", f"{i}: {message}")
+        dropped.append(result["dropped_turns"])
+        assert result["tokens"]["cached"] + result["tokens"]["new_prompt"] <= 256
+    assert sum(dropped) > 0
+    records = transcript(home, "full")
+    assert [r["content"] for r in records if r["role"] == "user"] == [
+        f"{i}: {message}" for i in range(6)
+    ]
+    proc = run_cli("chat", "-s", "full", *flags, "-p", "short")
+    assert proc.returncode == 0, proc.stderr
+    assert "dropped" in proc.stderr or "new prompt tokens" in proc.stderr
+
+
+def test_a_message_longer_than_the_context_is_refused_and_not_recorded(home, model_path):
+    run_json("chat", "-s", "long", *FLAGS, "-p", "hello")
+    before = transcript(home, "long")
+    proc = run_cli("chat", "-s", "long", *FLAGS, "-p", "word " * 600)
+    assert_one_line_error(proc, "leaves room for")
+    assert transcript(home, "long") == before
