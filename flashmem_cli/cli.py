@@ -25,7 +25,6 @@ from flashmem_cli.engine.sampling import RANDOM_SEED, SamplingParams
 from flashmem_cli.errors import FlashmemError
 from flashmem_cli.store.sessions import (
     SessionStore,
-    generated_name,
     read_meta,
     read_transcript,
     validate_name,
@@ -126,7 +125,7 @@ def chat(
     Flash attention is off (the memory monitor reads attention probabilities).
     Standard input that is not a terminal is read as one message.
     """
-    name = validate_name(session) if session else generated_name()
+    name = validate_name(session) if session else store().new_name()
     if prompt is None and not sys.stdin.isatty():
         prompt = sys.stdin.read().removesuffix("\n")
     options = ChatOptions(

@@ -73,3 +73,11 @@ def test_list_summarizes_sessions(tmp_path):
         session.append({"role": "user", "content": "x"})
     store.open("a").close()
     assert [(s.name, s.messages) for s in store.list()] == [("a", 0), ("b", 1)]
+
+
+def test_new_names_do_not_collide(tmp_path):
+    store = SessionStore(tmp_path)
+    first = store.new_name()
+    store.open(first).close()
+    second = store.new_name()
+    assert second != first and not store.path(second).exists()

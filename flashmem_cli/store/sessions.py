@@ -39,10 +39,6 @@ def validate_name(name: str) -> str:
     return name
 
 
-def generated_name() -> str:
-    return datetime.now().strftime("chat-%Y%m%d-%H%M%S")
-
-
 def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
@@ -114,6 +110,15 @@ class SessionStore:
 
     def exists(self, name: str) -> bool:
         return (self.path(name) / META).is_file()
+
+    def new_name(self) -> str:
+        """A name for a new session, from the time, that no session has yet."""
+        base = datetime.now().strftime("chat-%Y%m%d-%H%M%S")
+        name, n = base, 1
+        while self.path(name).exists():
+            n += 1
+            name = f"{base}-{n}"
+        return name
 
     def open(self, name: str, create: bool = True) -> Session:
         """Lock and open a session, creating it when `create` is set."""
