@@ -177,3 +177,18 @@ def test_a_message_longer_than_the_context_is_refused_and_not_recorded(home, mod
     proc = run_cli("chat", "-s", "long", *FLAGS, "-p", "word " * 600)
     assert_one_line_error(proc, "leaves room for")
     assert transcript(home, "long") == before
+
+
+def test_a_system_prompt_alone_waits_and_stays_pinned(home, model_path):
+    options = ChatOptions(n_ctx=512, n_threads=2, n_predict=4, sampling=SamplingParams(0))
+    store = SessionStore(sessions_dir())
+    with open_conversation(store, "sys", options) as conversation:
+        conversation.set_system_prompt("You are a careful assistant.")
+    with open_conversation(store, "sys", options) as conversation:
+        result = conversation.send("Hi")
+        assert result.prompt_text.startswith("<bos><start_of_turn>user\nYou are a careful")
+        pinned = conversation.stats()["pinned_tokens"]
+    with Model(model_path, n_gpu_layers=0) as model:
+        assert pinned == len(
+            model.tokenize("<bos><start_of_turn>user\nYou are a careful assistant.")
+        )

@@ -189,7 +189,7 @@ class Conversation:
         self.session.append(user)
 
         dropped_before = self.layout.dropped
-        new_prompt = sum(self._feed_chunk(chunk) for chunk in chunks)
+        new_prompt = self._feed(chunks)
         cached = len(self.seq) - new_prompt
         prefill_ms = _ms(start)
 
@@ -246,35 +246,34 @@ class Conversation:
         """Tokenized text of each turn not yet in the KV cache; the user's turn, if any, last
         and ending in the generation prompt. Raises before anything is written if it cannot fit."""
         groups = split_turns(unfed + ([user] if user else []))
+        if groups and [m["role"] for m in groups[-1]] == ["system"]:
+            groups.pop()  # a system prompt alone waits for the first user message
         chunks = []
         for i, group in enumerate(groups):
             prompt = user is not None and i == len(groups) - 1
             text = text_after(self.template, fed, group, add_generation_prompt=prompt)
-            chunks.append(self._tokenize(text, group, first=not self.seq.tokens and i == 0))
+            first = not self.seq.tokens and i == 0
+            chunks.append(self._tokenize(text, group, first=first, prompt=prompt))
             fed = fed + group
         if user is not None:
             self._check_fits(chunks)
         return chunks
 
-    def _tokenize(self, text: str, group: list[Message], first: bool) -> _Chunk:
+    def _tokenize(self, text: str, group: list[Message], first: bool, prompt: bool) -> _Chunk:
         if not first:
-            return _Chunk(group, text, [], self.model.tokenize(text), prompt=False)
+            return _Chunk(group, text, [], self.model.tokenize(text), prompt)
         system = group[0]["content"] if group[0]["role"] == "system" else None
         pinned_text = pinned_prefix(text, system, self.template.bos_token)
         pinned = self.model.tokenize(pinned_text)
         if self.model.add_bos and pinned[:1] != [self.model.bos]:
             pinned = [self.model.bos] + pinned
         rest = self.model.tokenize(text[len(pinned_text) :])
-        return _Chunk(group, text, pinned, rest, prompt=False)
+        return _Chunk(group, text, pinned, rest, prompt)
 
     def _check_fits(self, chunks: list[_Chunk]) -> None:
+        """The user's own turn must fit beside the pinned head, or nothing is done at all."""
         final = chunks[-1]
-        final.prompt = True
-        pinned = (
-            len(final.pinned)
-            if final.pinned
-            else (len(chunks[0].pinned) if chunks[0].pinned else self.layout.pinned)
-        )
+        pinned = len(chunks[0].pinned) or self.layout.pinned
         room = self.ctx.n_ctx - pinned - 1
         if len(final.tokens) > room:
             raise ContextOverflow(
@@ -282,20 +281,29 @@ class Conversation:
                 f"room for {room}; use a larger -c or a shorter message"
             )
 
-    def _feed_chunk(self, chunk: _Chunk) -> int:
-        """Feed one turn's text, dropping the oldest turns for room; returns tokens fed."""
-        self.layout.messages += len(chunk.group)
-        if chunk.pinned:
-            self.layout.pinned = len(chunk.pinned)
-        if self.layout.pinned + len(chunk.tokens) >= self.ctx.n_ctx:
-            self.seq.feed(chunk.pinned)
-            self.layout.dropped += 1  # an old turn too long to keep: the transcript has it
-            return len(chunk.pinned)
-        self._make_room(len(chunk.tokens) + (self._generation_reserve() if chunk.prompt else 0))
-        # One decode for the pinned head and the turn: the same batch as a plain prompt.
-        self.seq.feed(chunk.pinned + chunk.tokens)
-        self.layout.turns.append(len(chunk.tokens))
-        return len(chunk.pinned) + len(chunk.tokens)
+    def _feed(self, chunks: list[_Chunk]) -> int:
+        """Feed the turns not yet in the cache in one decode, dropping the oldest turns (cached
+        ones first, then the oldest of these) when they do not fit; returns the tokens fed."""
+        head = chunks[0].pinned if chunks else []
+        if head:
+            self.layout.pinned = len(head)
+        self.layout.messages += sum(len(chunk.group) for chunk in chunks)
+        reserve = self._generation_reserve() if chunks and chunks[-1].prompt else 0
+        kept = list(chunks)
+
+        def needed() -> int:
+            return len(head) + sum(len(chunk.tokens) for chunk in kept) + reserve
+
+        self._make_room(needed())
+        while (
+            kept and len(self.seq) + needed() - (reserve if len(kept) == 1 else 0) > self.ctx.n_ctx
+        ):
+            kept.pop(0)  # a turn never fed: the transcript has it
+            self.layout.dropped += 1
+        tokens = head + [token for chunk in kept for token in chunk.tokens]
+        self.seq.feed(tokens)
+        self.layout.turns.extend(len(chunk.tokens) for chunk in kept)
+        return len(tokens)
 
     def _generation_reserve(self) -> int:
         limit = self.ctx.n_ctx // 4
@@ -350,8 +358,7 @@ class Conversation:
         """Feed a transcript's turns into an empty cache (a first start, --rebuild, --stateless)."""
         self.seq.clear()
         self.layout = KVLayout()
-        for chunk in self._chunks([], messages, None):
-            self._feed_chunk(chunk)
+        self._feed(self._chunks([], messages, None))
 
     def _save(self) -> None:
         self.session.save_state(self.seq.save)
