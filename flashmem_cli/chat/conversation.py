@@ -78,19 +78,28 @@ class Conversation:
     """Use as a context manager; it owns the session lock and the llama.cpp context."""
 
     def __init__(
-        self, session: Session, loaded: LoadedModel, options: ChatOptions, owns_model: bool = False
+        self,
+        session: Session,
+        loaded: LoadedModel,
+        options: ChatOptions,
+        owns_model: bool = False,
+        seq: KVSequence | None = None,
     ):
+        """With `seq`, the conversation lives in one sequence of a shared context (batch runs)
+        and may use `options.n_ctx` tokens of it; otherwise it gets a context of its own."""
         self.session = session
         self.loaded = loaded
         self.model = loaded.model
         self.options = options
         self._owns_model = owns_model
-        n_ctx = options.n_ctx or session.meta.get("n_ctx") or DEFAULT_CTX
-        self.ctx = Context(
-            self.model,
-            ContextParams(n_ctx=n_ctx, n_batch=options.n_batch, n_threads=options.n_threads),
-        )
-        self.seq = KVSequence(self.ctx)
+        self._owns_ctx = seq is None
+        if seq is None:
+            n_ctx = options.n_ctx or session.meta.get("n_ctx") or DEFAULT_CTX
+            params = ContextParams(n_ctx, n_batch=options.n_batch, n_threads=options.n_threads)
+            seq = KVSequence(Context(self.model, params))
+        self.seq = seq
+        self.ctx = seq.ctx
+        self.n_ctx = seq.limit
         self.template = chat_template_for(self.model)
         self.layout = KVLayout()
         self.restore_ms = 0.0
@@ -98,13 +107,19 @@ class Conversation:
         try:
             self._start()
         except BaseException:
-            self.ctx.close()
+            self._release_kv()
             raise
 
     # -- lifecycle ------------------------------------------------------------------------------
 
+    def _release_kv(self) -> None:
+        if self._owns_ctx:
+            self.ctx.close()
+        else:
+            self.seq.clear()
+
     def close(self) -> None:
-        self.ctx.close()
+        self._release_kv()
         if self._owns_model:
             self.model.close()
         self.session.close()
@@ -136,9 +151,9 @@ class Conversation:
                 f"(fingerprint {kv['fingerprint']}), not {self.loaded.file.name} "
                 f"({self.loaded.file.fingerprint}); use -m {kv['model']}, or --rebuild"
             )
-        if kv["n_ctx"] != self.ctx.n_ctx:
+        if kv["n_ctx"] != self.n_ctx:
             raise StateMismatch(
-                f"session {name}'s KV state was made with -c {kv['n_ctx']}, not {self.ctx.n_ctx}; "
+                f"session {name}'s KV state was made with -c {kv['n_ctx']}, not {self.n_ctx}; "
                 f"use -c {kv['n_ctx']}, or --rebuild"
             )
         if not self.session.state_path.is_file():
@@ -175,6 +190,13 @@ class Conversation:
 
     def send(self, text: str, on_text: Callable[[str], None] | None = None) -> TurnResult:
         """One turn: feed what is new, stream the reply, append both to the transcript, save."""
+        turn = self.begin_turn(text)
+        finish, first_token_ms = self._generate(turn.start, on_text)
+        return self.finish_turn(turn, finish, first_token_ms)
+
+    def begin_turn(self, text: str) -> PendingTurn:
+        """Record the user's message and feed it (with anything the cache missed); the logits
+        of the generation prompt are then current, ready for the first reply token."""
         start = time.perf_counter()
         if self.options.stateless:
             self.seq.clear()
@@ -187,33 +209,44 @@ class Conversation:
             history[: self.layout.messages], history[self.layout.messages :], user
         )
         self.session.append(user)
-
         dropped_before = self.layout.dropped
         new_prompt = self._feed(chunks)
-        cached = len(self.seq) - new_prompt
-        prefill_ms = _ms(start)
-
-        reply, finish, generated, first_token_ms = self._generate(start, on_text)
-        reply_message: Message = {"role": "assistant", "content": reply}
-        self.session.append(reply_message)
-        self._close_reply(history + [user, reply_message], generated)
-        if not self.options.stateless:
-            self._save()
-
-        restore_ms, self._pending_restore_ms = self._pending_restore_ms, 0.0
-        return TurnResult(
-            reply=reply,
+        return PendingTurn(
+            start=start,
+            messages=history + [user],
             prompt_text="".join(chunk.text for chunk in chunks),
             new_prompt_tokens=new_prompt,
-            cached_tokens=cached,
-            generated_tokens=generated,
+            cached_tokens=len(self.seq) - new_prompt,
+            dropped_before=dropped_before,
+            reply_start=len(self.seq),
+            prefill_ms=_ms(start),
+        )
+
+    def finish_turn(self, turn: PendingTurn, finish: str, first_token_ms: float) -> TurnResult:
+        """The reply is what the cache holds after the prompt: record it, close it, save."""
+        reply_tokens = self.seq.tokens[turn.reply_start :]
+        reply_message: Message = {
+            "role": "assistant",
+            "content": self.model.detokenize(reply_tokens),
+        }
+        self.session.append(reply_message)
+        self._close_reply(turn.messages + [reply_message], len(reply_tokens))
+        if not self.options.stateless:
+            self._save()
+        restore_ms, self._pending_restore_ms = self._pending_restore_ms, 0.0
+        return TurnResult(
+            reply=reply_message["content"],
+            prompt_text=turn.prompt_text,
+            new_prompt_tokens=turn.new_prompt_tokens,
+            cached_tokens=turn.cached_tokens,
+            generated_tokens=len(reply_tokens),
             finish_reason=finish,
-            dropped_turns=self.layout.dropped - dropped_before,
+            dropped_turns=self.layout.dropped - turn.dropped_before,
             timings_ms={
                 "restore": restore_ms,
-                "prefill": prefill_ms,
+                "prefill": turn.prefill_ms,
                 "ttft": round(restore_ms + first_token_ms, 2),
-                "total": round(restore_ms + _ms(start), 2),
+                "total": round(restore_ms + _ms(turn.start), 2),
             },
         )
 
@@ -229,7 +262,7 @@ class Conversation:
         return {
             "session": self.session.name,
             "model": self.loaded.file.name,
-            "n_ctx": self.ctx.n_ctx,
+            "n_ctx": self.n_ctx,
             "kv_tokens": len(self.seq),
             "pinned_tokens": self.layout.pinned,
             "turns_in_kv": len(self.layout.turns),
@@ -274,10 +307,10 @@ class Conversation:
         """The user's own turn must fit beside the pinned head, or nothing is done at all."""
         final = chunks[-1]
         pinned = len(chunks[0].pinned) or self.layout.pinned
-        room = self.ctx.n_ctx - pinned - 1
+        room = self.n_ctx - pinned - 1
         if len(final.tokens) > room:
             raise ContextOverflow(
-                f"this message needs {len(final.tokens)} tokens but -c {self.ctx.n_ctx} leaves "
+                f"this message needs {len(final.tokens)} tokens but -c {self.n_ctx} leaves "
                 f"room for {room}; use a larger -c or a shorter message"
             )
 
@@ -295,9 +328,7 @@ class Conversation:
             return len(head) + sum(len(chunk.tokens) for chunk in kept) + reserve
 
         self._make_room(needed())
-        while (
-            kept and len(self.seq) + needed() - (reserve if len(kept) == 1 else 0) > self.ctx.n_ctx
-        ):
+        while kept and len(self.seq) + needed() - (reserve if len(kept) == 1 else 0) > self.n_ctx:
             kept.pop(0)  # a turn never fed: the transcript has it
             self.layout.dropped += 1
         tokens = head + [token for chunk in kept for token in chunk.tokens]
@@ -306,23 +337,20 @@ class Conversation:
         return len(tokens)
 
     def _generation_reserve(self) -> int:
-        limit = self.ctx.n_ctx // 4
+        limit = self.n_ctx // 4
         return min(self.options.n_predict, limit) if self.options.n_predict > 0 else limit
 
     def _make_room(self, needed: int, keep_last: bool = False) -> None:
         """Drop the oldest whole turns until `needed` more tokens fit (the transcript keeps them)."""
         keep = 1 if keep_last else 0
-        while len(self.layout.turns) > keep and len(self.seq) + needed > self.ctx.n_ctx:
+        while len(self.layout.turns) > keep and len(self.seq) + needed > self.n_ctx:
             start, end = self.layout.oldest_turn_span()
             self.seq.drop(start, end)
             self.layout.turns.pop(0)
             self.layout.dropped += 1
 
-    def _generate(
-        self, start: float, on_text: Callable[[str], None] | None
-    ) -> tuple[str, str, int, float]:
-        """Stream the reply; returns (reply, finish reason, tokens generated, ms to first token)."""
-        before = len(self.seq)
+    def _generate(self, start: float, on_text: Callable[[str], None] | None) -> tuple[str, float]:
+        """Stream the reply into the cache; returns (finish reason, ms to first token)."""
         first_token_ms: float | None = None
         finish = "stop"
         sampler = Sampler(self.options.sampling)
@@ -337,9 +365,7 @@ class Conversation:
             finish = "interrupted"
         finally:
             sampler.close()
-        reply_tokens = self.seq.tokens[before:]  # what the cache holds is what the reply is
-        reply = self.model.detokenize(reply_tokens)
-        return reply, finish, len(reply_tokens), first_token_ms or _ms(start)
+        return finish, first_token_ms or _ms(start)
 
     def _close_reply(self, messages: list[Message], generated: int) -> None:
         """Feed the template's end-of-reply text now, so the next turn feeds only its own."""
@@ -368,16 +394,30 @@ class Conversation:
             "path": str(model.path),
             "fingerprint": model.fingerprint,
         }
-        self.session.meta["n_ctx"] = self.ctx.n_ctx
+        self.session.meta["n_ctx"] = self.n_ctx
         self.session.meta["kv"] = {
             "model": model.name,
             "fingerprint": model.fingerprint,
-            "n_ctx": self.ctx.n_ctx,
+            "n_ctx": self.n_ctx,
             "n_tokens": len(self.seq),
             "digest": tokens_digest(self.seq.tokens),
             "layout": self.layout.to_dict(),
         }
         self.session.save_meta()
+
+
+@dataclass(frozen=True)
+class PendingTurn:
+    """A turn whose prompt is fed and whose reply is being generated into the cache."""
+
+    start: float
+    messages: list[Message]
+    prompt_text: str
+    new_prompt_tokens: int
+    cached_tokens: int
+    dropped_before: int
+    reply_start: int
+    prefill_ms: float
 
 
 @dataclass

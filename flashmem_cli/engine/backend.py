@@ -248,6 +248,9 @@ class Context:
                 f"llama.cpp could not remove positions {p0}..{p1} of sequence {seq_id}"
             )
 
+    def copy(self, src: int, dst: int, p0: int, p1: int) -> None:
+        lc.llama_memory_seq_cp(self._memory, src, dst, p0, p1)
+
     def shift(self, seq_id: int, p0: int, p1: int, delta: int) -> None:
         lc.llama_memory_seq_add(self._memory, seq_id, p0, p1, delta)
 

@@ -9,11 +9,15 @@ from flashmem_cli.errors import EngineError
 
 
 class KVSequence:
-    """Positions 0..n-1 of sequence `seq_id` hold exactly `tokens`, with no gaps."""
+    """Positions 0..n-1 of sequence `seq_id` hold exactly `tokens`, with no gaps.
 
-    def __init__(self, ctx: Context, seq_id: int = 0):
+    `limit` caps the sequence's length: the whole context unless several sequences share it.
+    """
+
+    def __init__(self, ctx: Context, seq_id: int = 0, limit: int | None = None):
         self.ctx = ctx
         self.seq_id = seq_id
+        self.limit = limit or ctx.n_ctx
         self.tokens: list[int] = []
 
     def __len__(self) -> int:
@@ -21,7 +25,7 @@ class KVSequence:
 
     @property
     def free(self) -> int:
-        return self.ctx.n_ctx - len(self.tokens)
+        return self.limit - len(self.tokens)
 
     def feed(self, tokens: list[int]) -> None:
         """Decode `tokens` after what the sequence holds; the last one's logits become current."""
@@ -36,6 +40,16 @@ class KVSequence:
             self.ctx.remove(self.seq_id, start, -1)
             raise
         self.tokens.extend(tokens)
+
+    def extend_decoded(self, tokens: list[int]) -> None:
+        """Record tokens that a multi-sequence batch decoded for this sequence."""
+        self.tokens.extend(tokens)
+
+    def copy_prefix_from(self, source: KVSequence, n_tokens: int) -> None:
+        """Share the first `n_tokens` of `source` (a copy of cell tags, not of data)."""
+        self.clear()
+        self.ctx.copy(source.seq_id, self.seq_id, 0, n_tokens)
+        self.tokens = source.tokens[:n_tokens]
 
     def drop(self, start: int, end: int) -> None:
         """Remove positions [start, end) and shift the rest down to close the gap."""
