@@ -10,9 +10,13 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 from rich.markup import escape
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from flashmem_cli import models
+from flashmem_cli.batch import runner as batch_runner
+from flashmem_cli.batch.runner import RunPlan, default_paths
+from flashmem_cli.batch.scheduler import BatchSettings
 from flashmem_cli.chat.conversation import (
     ChatOptions,
     Conversation,
@@ -20,7 +24,13 @@ from flashmem_cli.chat.conversation import (
     open_conversation,
 )
 from flashmem_cli.chat.layout import conversation_messages
-from flashmem_cli.config import DEFAULT_CTX, DEFAULT_N_PREDICT, models_dir, sessions_dir
+from flashmem_cli.config import (
+    DEFAULT_CTX,
+    DEFAULT_N_PREDICT,
+    default_threads,
+    models_dir,
+    sessions_dir,
+)
 from flashmem_cli.engine.sampling import RANDOM_SEED, SamplingParams
 from flashmem_cli.errors import FlashmemError
 from flashmem_cli.store.sessions import (
@@ -42,6 +52,9 @@ sessions_app = typer.Typer(
 models_app = typer.Typer(help="The GGUF models flashmem can use.", no_args_is_help=True)
 app.add_typer(sessions_app, name="sessions")
 app.add_typer(models_app, name="models")
+
+MAX_CTX = 1 << 20
+MAX_SEED = (1 << 32) - 2  # 2**32 - 1 is llama.cpp's "random"
 
 console = Console()
 err_console = Console(stderr=True, soft_wrap=True)
@@ -82,6 +95,7 @@ def chat(
             "--ctx-size",
             help=f"Context tokens [default: the session's, else {DEFAULT_CTX}]",
             min=64,
+            max=MAX_CTX,
         ),
     ] = None,
     n_gpu_layers: Annotated[
@@ -105,7 +119,9 @@ def chat(
     top_k: Annotated[int, typer.Option("--top-k", min=0)] = 40,
     top_p: Annotated[float, typer.Option("--top-p", min=0.0, max=1.0)] = 0.95,
     min_p: Annotated[float, typer.Option("--min-p", min=0.0, max=1.0)] = 0.05,
-    seed: Annotated[int, typer.Option("--seed", help="Sampling seed; -1 is random.")] = -1,
+    seed: Annotated[
+        int, typer.Option("--seed", help="Sampling seed; -1 is random.", min=-1, max=MAX_SEED)
+    ] = -1,
     system: Annotated[
         str | None, typer.Option("-sys", "--system", help="System prompt of a new session.")
     ] = None,
@@ -126,6 +142,10 @@ def chat(
     Standard input that is not a terminal is read as one message.
     """
     name = validate_name(session) if session else store().new_name()
+    if stateless and rebuild:
+        raise FlashmemError("--stateless and --rebuild exclude each other")
+    if n_predict == 0:
+        raise FlashmemError("-n must be -1 (no limit) or a positive number of tokens")
     if prompt is None and not sys.stdin.isatty():
         prompt = sys.stdin.read().removesuffix("\n")
     options = ChatOptions(
@@ -146,9 +166,7 @@ def chat(
     )
     if session is None and not as_json:
         err_console.print(f"[dim]new session:[/] [bold]{name}[/]")
-    with open_conversation(store(), name, options) as conversation:
-        if system:
-            conversation.set_system_prompt(system)
+    with open_conversation(store(), name, options, system) as conversation:
         if prompt is not None:
             one_shot(conversation, prompt, as_json)
         else:
@@ -219,12 +237,16 @@ def repl(conversation: Conversation) -> None:
             continue
         if not text.strip():
             continue
-        console.print("[bold cyan]model>[/] ", end="")
-        result = conversation.send(
-            text, on_text=lambda piece: console.out(piece, end="", highlight=False)
-        )
-        console.out("")
-        report_turn(result)
+        try:
+            console.print("[bold cyan]model>[/] ", end="")
+            result = conversation.send(
+                text, on_text=lambda piece: console.out(piece, end="", highlight=False)
+            )
+            console.out("")
+            report_turn(result)
+        except FlashmemError as exc:  # the session stays open: nothing was lost
+            console.out("")
+            err_console.print(f"[red]error:[/] {escape(str(exc))}", highlight=False)
 
 
 def read_message() -> str | None:
@@ -263,6 +285,167 @@ def run_slash_command(conversation: Conversation, command: str) -> None:
         console.print(table)
     else:
         console.print(f"[red]unknown command {command}[/] (/help lists them)")
+
+
+# -- run ------------------------------------------------------------------------------------
+
+
+@app.command("run")
+def run_batch(
+    file: Annotated[str, typer.Argument(help="JSONL input; - reads standard input.")],
+    output: Annotated[
+        Path | None, typer.Option("-o", "--output", help="Results [default: FILE.out.jsonl]")
+    ] = None,
+    errors: Annotated[
+        Path | None, typer.Option("--errors", help="Failed lines [default: FILE.errors.jsonl]")
+    ] = None,
+    parallel: Annotated[
+        int, typer.Option("--parallel", "-np", help="Sequences decoded together.", min=1, max=64)
+    ] = 4,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Skip ids already in OUT or ERR.")
+    ] = False,
+    shard: Annotated[
+        str, typer.Option("--shard", help="I/N: only ids that hash to shard I (0-based) of N.")
+    ] = "0/1",
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="No progress bar or summary.")
+    ] = False,
+    model: ModelOpt = None,
+    ctx_size: Annotated[
+        int,
+        typer.Option("-c", "--ctx-size", help="Context tokens per sequence.", min=64, max=MAX_CTX),
+    ] = DEFAULT_CTX,
+    n_gpu_layers: Annotated[
+        int | None,
+        typer.Option(
+            "-ngl",
+            "--n-gpu-layers",
+            help="Layers to offload [default: all when the build has GPU offload]",
+        ),
+    ] = None,
+    threads: Annotated[
+        int | None, typer.Option("-t", "--threads", help="CPU threads.", min=1)
+    ] = None,
+    n_predict: Annotated[
+        int,
+        typer.Option(
+            "-n",
+            "--n-predict",
+            help="Most tokens per reply unless a line sets max_tokens (-1: until the model stops).",
+        ),
+    ] = DEFAULT_N_PREDICT,
+    temp: Annotated[
+        float,
+        typer.Option("--temp", help="Temperature unless a line sets one; 0 is greedy.", min=0.0),
+    ] = 0.8,
+    top_k: Annotated[int, typer.Option("--top-k", min=0)] = 40,
+    top_p: Annotated[float, typer.Option("--top-p", min=0.0, max=1.0)] = 0.95,
+    min_p: Annotated[float, typer.Option("--min-p", min=0.0, max=1.0)] = 0.05,
+    seed: Annotated[
+        int,
+        typer.Option(
+            "--seed", help="Seed unless a line sets one; -1 is random.", min=-1, max=MAX_SEED
+        ),
+    ] = -1,
+) -> None:
+    """Run a JSONL file of prompts (OpenAI batch format or simple lines) through one model.
+
+    Exit status: 0 when every line succeeded, 2 when some failed (see ERR), 1 on a fatal error.
+    """
+    source = None if file == "-" else Path(file)
+    default_out, default_err = default_paths(source) if source else (None, None)
+    plan = RunPlan(
+        source=source,
+        out=output or default_out,
+        errors=errors or default_err,
+        model=model,
+        n_gpu_layers=n_gpu_layers,
+        settings=BatchSettings(
+            n_ctx=ctx_size,
+            parallel=parallel,
+            n_predict=n_predict,
+            sampling=SamplingParams(
+                temperature=temp,
+                top_k=top_k,
+                top_p=top_p,
+                min_p=min_p,
+                seed=RANDOM_SEED if seed < 0 else seed,
+            ),
+            n_threads=threads or default_threads(),
+        ),
+        resume=resume,
+        shard=parse_shard(shard),
+    )
+    show_progress = not quiet and err_console.is_terminal
+    with BatchProgress(err_console, enabled=show_progress) as progress:
+        stats = batch_runner.run(plan, progress.update)
+    if not quiet:
+        print_summary(stats, plan)
+    if stats.failed:
+        raise typer.Exit(2)
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    try:
+        index, count = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise FlashmemError(f"--shard {text!r}: use I/N, e.g. 0/4") from None
+    if not 0 <= index < count:
+        raise FlashmemError(f"--shard {text!r}: I must be in 0..N-1")
+    return index, count
+
+
+class BatchProgress:
+    """A rich progress bar on stderr: done/failed/total, tokens/s, ETA."""
+
+    def __init__(self, console: Console, enabled: bool):
+        self.enabled = enabled
+        self.bar = Progress(
+            TextColumn("[bold]run[/]"),
+            BarColumn(),
+            TextColumn("{task.completed}/{task.total} done · {task.fields[failed]} failed"),
+            TextColumn("· {task.fields[rate]:.1f} tok/s"),
+            TimeRemainingColumn(),
+            console=console,
+            disable=not enabled,
+        )
+        self.task = self.bar.add_task("run", total=None, failed=0, rate=0.0)
+
+    def __enter__(self) -> BatchProgress:
+        self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.__exit__(None, None, None)
+
+    def update(self, stats: batch_runner.RunStats) -> None:
+        self.bar.update(
+            self.task,
+            total=stats.total - stats.skipped,
+            completed=stats.done,
+            failed=stats.failed,
+            rate=stats.tokens_per_s,
+        )
+
+
+def print_summary(stats: batch_runner.RunStats, plan: batch_runner.RunPlan) -> None:
+    table = Table(show_header=False, box=None)
+    rows = [
+        ("lines", stats.total),
+        ("skipped (--resume)", stats.skipped),
+        ("succeeded", stats.succeeded),
+        ("failed", stats.failed),
+        ("prompt tokens", stats.prompt_tokens),
+        ("generated tokens", stats.generated_tokens),
+        ("generated tokens/s", f"{stats.tokens_per_s:.1f}"),
+        ("wall time", f"{stats.elapsed_s:.1f} s"),
+        ("results", plan.out or "stdout"),
+        ("errors", plan.errors or "stderr"),
+    ]
+    for key, value in rows:
+        table.add_row(f"[dim]{key}[/]", str(value))
+    err_console.print(table)
 
 
 # -- sessions ---------------------------------------------------------------------------------
@@ -403,6 +586,10 @@ def main() -> None:
         app()
     except FlashmemError as exc:
         err_console.print(f"[red]error:[/] {escape(str(exc))}", highlight=False)
+        sys.exit(1)
+    except OSError as exc:  # a file flashmem was told to use: unwritable, missing, a directory
+        where = f": {exc.filename}" if exc.filename else ""
+        err_console.print(f"[red]error:[/] {escape(exc.strerror or str(exc))}{escape(where)}")
         sys.exit(1)
     except KeyboardInterrupt:
         sys.exit(130)

@@ -192,3 +192,47 @@ def test_a_system_prompt_alone_waits_and_stays_pinned(home, model_path):
         assert pinned == len(
             model.tokenize("<bos><start_of_turn>user\nYou are a careful assistant.")
         )
+
+
+def test_ctrl_c_keeps_the_partial_reply_and_the_session_goes_on(home, model_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    command = [
+        sys.executable,
+        "-m",
+        "flashmem_cli",
+        "chat",
+        "-s",
+        "int",
+        "--json",
+        "--temp",
+        "0",
+        "-n",
+        "3000",
+        "-c",
+        "4096",
+        "-t",
+        "2",
+        "-p",
+        "Write a very long story about a lighthouse keeper.",
+    ]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(3)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    result = json.loads(out)
+    assert result["finish_reason"] == "interrupted"
+    assert 0 < result["tokens"]["generated"] < 3000
+    assert transcript(home, "int")[-1]["content"] == result["reply"]
+    again = run_json("chat", "-s", "int", "--temp", "0", "-n", "4", "-p", "Go on.")
+    assert again["tokens"]["new_prompt"] == own_turn_tokens(model_path, "Go on.")
+
+
+def test_a_system_prompt_too_long_for_the_context_is_refused(home, model_path):
+    proc = run_cli("chat", "-s", "big", "-c", "256", "-sys", "word " * 300, "-p", "hi")
+    assert_one_line_error(proc, "the system prompt is")
+    assert not (home / "sessions" / "big").exists()

@@ -72,3 +72,24 @@ def test_bad_flag_values_are_usage_errors(home):
 def test_models_list_shows_the_default(home):
     rows = json.loads(run_cli("models", "list", "--json").stdout)
     assert "gemma-3-270m-q4_k_m" in [r["name"] for r in rows]
+
+
+def test_export_to_a_directory_is_one_line_error(home, tmp_path):
+    make_session(home)
+    proc = run_cli("sessions", "export", "s", "-o", str(tmp_path))
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("error: Is a directory")
+
+
+def test_conflicting_or_empty_generation_flags(home):
+    proc = run_cli("chat", "-s", "x", "--stateless", "--rebuild", "-p", "hi")
+    assert proc.returncode == 1 and "exclude each other" in proc.stderr
+    proc = run_cli("chat", "-s", "x", "-n", "0", "-p", "hi")
+    assert proc.returncode == 1 and "-n must be" in proc.stderr
+    assert run_cli("chat", "-c", str(1 << 32), "-p", "hi").returncode == 2
+
+
+def test_a_failed_start_leaves_no_empty_session(home):
+    proc = run_cli("chat", "-s", "ghost", "-m", "missing-model", "-p", "hi")
+    assert proc.returncode == 1
+    assert not (home / "sessions" / "ghost").exists()

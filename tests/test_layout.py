@@ -32,3 +32,8 @@ def test_layout_round_trips_and_counts_tokens():
 def test_digest_depends_on_every_token():
     assert tokens_digest([1, 2, 3]) != tokens_digest([1, 2, 4])
     assert tokens_digest([12, 3]) != tokens_digest([1, 23])
+
+
+def test_an_unanswered_user_message_is_left_out_when_another_follows():
+    records = [{**U, "content": "lost"}, {**U, "content": "asked again"}, A]
+    assert conversation_messages(records) == [{**U, "content": "asked again"}, A]

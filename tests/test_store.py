@@ -81,3 +81,39 @@ def test_new_names_do_not_collide(tmp_path):
     store.open(first).close()
     second = store.new_name()
     assert second != first and not store.path(second).exists()
+
+
+def test_a_torn_tail_is_set_aside_before_the_next_append(tmp_path):
+    store = SessionStore(tmp_path)
+    with store.open("s") as session:
+        session.append({"role": "user", "content": "one"})
+    path = tmp_path / "s" / "transcript.jsonl"
+    with open(path, "a") as f:
+        f.write('{"role": "user", "cont')
+    with store.open("s") as session:
+        session.append({"role": "user", "content": "two"})
+        assert [r["content"] for r in session.records()] == ["one", "two"]
+    aside = list(tmp_path.glob("s/transcript.jsonl.torn-*"))
+    assert len(aside) == 1 and aside[0].read_text() == '{"role": "user", "cont'
+
+
+@pytest.mark.parametrize(
+    "meta",
+    ["[]", '{"format": 1, "model": "x"}', '{"format": 1, "n_ctx": "abc"}', '{"format": 99}'],
+)
+def test_a_meta_json_of_the_wrong_shape_is_corrupt(tmp_path, meta):
+    store = SessionStore(tmp_path)
+    store.open("s").close()
+    (tmp_path / "s" / "meta.json").write_text(meta)
+    with pytest.raises(SessionCorrupt):
+        store.open("s")
+    assert store.list()[0].model.startswith("(unreadable")
+
+
+@pytest.mark.parametrize("line", ['{"role": "user"}', "5", '{"role": "robot", "content": "x"}'])
+def test_a_transcript_record_of_the_wrong_shape_is_corrupt(tmp_path, line):
+    store = SessionStore(tmp_path)
+    store.open("s").close()
+    (tmp_path / "s" / "transcript.jsonl").write_text(line + "\n")
+    with pytest.raises(SessionCorrupt, match="line 1"):
+        read_transcript(tmp_path / "s")

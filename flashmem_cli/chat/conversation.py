@@ -6,6 +6,7 @@ saves the cache, so a turn resumed in another process costs only its own tokens.
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,7 +32,7 @@ from flashmem_cli.engine.templates import (
     select_template,
     text_after,
 )
-from flashmem_cli.errors import ContextOverflow, FlashmemError, StateMismatch
+from flashmem_cli.errors import ContextOverflow, EngineError, FlashmemError, StateMismatch
 from flashmem_cli.models import ModelFile
 from flashmem_cli.store.sessions import Session, SessionStore
 
@@ -144,12 +145,36 @@ class Conversation:
 
     def _restore(self) -> None:
         kv = self.session.meta["kv"]
+        try:
+            self._check_state(kv)
+            layout = KVLayout.from_dict(kv["layout"])
+        except (KeyError, TypeError, ValueError):
+            raise StateMismatch(
+                f"session {self.session.name}'s meta.json has a damaged kv record; --rebuild "
+                "re-processes the transcript"
+            ) from None
+        if not self.seq.load(self.session.state_path):
+            raise StateMismatch(
+                f"session {self.session.name}'s state.bin is corrupt or truncated; --rebuild "
+                "re-processes the transcript"
+            )
+        recorded = (kv["n_tokens"], layout.n_tokens, kv["digest"])
+        if recorded != (len(self.seq), len(self.seq), tokens_digest(self.seq.tokens)):
+            self.seq.clear()
+            raise StateMismatch(
+                f"session {self.session.name}'s state.bin does not match meta.json (an "
+                "interrupted save?); --rebuild re-processes the transcript"
+            )
+        self.layout = layout
+
+    def _check_state(self, kv: dict[str, Any]) -> None:
         name = self.session.name
         if kv["fingerprint"] != self.loaded.file.fingerprint:
+            made_with = (self.session.meta.get("model") or {}).get("path", kv["model"])
             raise StateMismatch(
                 f"session {name}'s KV state was made by model {kv['model']} "
                 f"(fingerprint {kv['fingerprint']}), not {self.loaded.file.name} "
-                f"({self.loaded.file.fingerprint}); use -m {kv['model']}, or --rebuild"
+                f"({self.loaded.file.fingerprint}); use -m {made_with}, or --rebuild"
             )
         if kv["n_ctx"] != self.n_ctx:
             raise StateMismatch(
@@ -158,18 +183,6 @@ class Conversation:
             )
         if not self.session.state_path.is_file():
             raise StateMismatch(f"session {name} has no state.bin; --rebuild re-processes it")
-        if not self.seq.load(self.session.state_path):
-            raise StateMismatch(
-                f"session {name}'s state.bin is corrupt or truncated; --rebuild re-processes "
-                "the transcript"
-            )
-        if len(self.seq) != kv["n_tokens"] or tokens_digest(self.seq.tokens) != kv["digest"]:
-            self.seq.clear()
-            raise StateMismatch(
-                f"session {name}'s state.bin does not match meta.json (an interrupted save?); "
-                "--rebuild re-processes the transcript"
-            )
-        self.layout = KVLayout.from_dict(kv["layout"])
 
     # -- turns ----------------------------------------------------------------------------------
 
@@ -185,6 +198,14 @@ class Conversation:
             raise FlashmemError(
                 f"session {self.session.name} has already begun; its system prompt cannot change "
                 "(start a new session, or /reset first)"
+            )
+        probe = [{"role": "system", "content": system}, {"role": "user", "content": ""}]
+        text = self.template.render(probe, add_generation_prompt=True)
+        pinned = len(self.model.tokenize(pinned_prefix(text, system, self.template.bos_token)))
+        if pinned > self.n_ctx // 2:
+            raise ContextOverflow(
+                f"the system prompt is {pinned} tokens; -c {self.n_ctx} allows at most "
+                f"{self.n_ctx // 2} for it"
             )
         self.session.append({"role": "system", "content": system})
 
@@ -381,12 +402,16 @@ class Conversation:
         self.layout.messages += 1
 
     def _replay(self, messages: list[Message]) -> None:
-        """Feed a transcript's turns into an empty cache (a first start, --rebuild, --stateless)."""
+        """Feed a transcript's turns into an empty cache (a first start, --rebuild)."""
         self.seq.clear()
         self.layout = KVLayout()
         self._feed(self._chunks([], messages, None))
 
     def _save(self) -> None:
+        if self.layout.n_tokens != len(self.seq):
+            raise EngineError(
+                f"internal: layout counts {self.layout.n_tokens} tokens, cache holds {len(self.seq)}"
+            )
         self.session.save_state(self.seq.save)
         model = self.loaded.file
         self.session.meta["model"] = {
@@ -442,18 +467,30 @@ def load_model(file: ModelFile, n_gpu_layers: int | None) -> LoadedModel:
     return LoadedModel(file, model, _ms(start))
 
 
-def open_conversation(store: SessionStore, name: str, options: ChatOptions) -> Conversation:
-    """Lock the session, load its model (`-m`, else the one it was made with), restore its KV."""
+def open_conversation(
+    store: SessionStore, name: str, options: ChatOptions, system: str | None = None
+) -> Conversation:
+    """Lock the session, load its model (`-m`, else the one it was made with), restore its KV.
+    A session created here is removed again if this fails before anything was said in it."""
+    created = not store.exists(name)
     session = store.open(name)
     try:
         stored_model = (session.meta.get("model") or {}).get("path")
         loaded = load_model(models.resolve(options.model or stored_model), options.n_gpu_layers)
+        try:
+            conversation = Conversation(session, loaded, options, owns_model=True)
+        except BaseException:
+            loaded.model.close()
+            raise
+        try:
+            if system is not None:
+                conversation.set_system_prompt(system)
+        except BaseException:
+            conversation.close()
+            raise
+        return conversation
     except BaseException:
         session.close()
-        raise
-    try:
-        return Conversation(session, loaded, options, owns_model=True)
-    except BaseException:
-        loaded.model.close()
-        session.close()
+        if created and not session.records():
+            shutil.rmtree(session.dir, ignore_errors=True)
         raise

@@ -58,12 +58,16 @@ def split_turns(messages: list[Message]) -> list[list[Message]]:
 
 
 def conversation_messages(records: list[dict[str, Any]]) -> list[Message]:
-    """The messages since the last reset, as the template sees them."""
+    """The messages since the last reset, as the template sees them. A user message that got
+    no reply (a turn interrupted before its reply was recorded) is left out when another user
+    message follows, so roles still alternate; the transcript keeps it."""
     messages: list[Message] = []
     for record in records:
         if record.get("event") == "reset":
             messages = []
         elif "role" in record:
+            if record["role"] == "user" and messages and messages[-1]["role"] == "user":
+                messages.pop()
             messages.append({"role": record["role"], "content": record["content"]})
     return messages
 

@@ -168,6 +168,16 @@ class ContextParams:
     flash_attn: bool = False
 
 
+@dataclass(frozen=True)
+class BatchEntry:
+    """Tokens of one sequence in a multi-sequence decode."""
+
+    seq_id: int
+    start_pos: int
+    tokens: list[int]
+    want_logits: bool
+
+
 class Context:
     """A llama.cpp context: one KV cache that holds up to `n_seq_max` sequences."""
 
@@ -186,6 +196,8 @@ class Context:
         )
         # Full-size sliding-window cache: needed to restore, trim and shift saved sequences.
         cparams.swa_full = True
+        # One pool of cells for all sequences, so a shared prefix is stored once (seq_cp tags).
+        cparams.kv_unified = params.n_seq_max > 1
         self.model = model
         self.params = params
         self._ptr = lc.llama_init_from_model(model.ptr, cparams)
@@ -224,6 +236,28 @@ class Context:
                     f"llama_decode failed (code {rc}) at position {start_pos + offset}"
                 )
 
+    def decode_batch(self, entries: list[BatchEntry]) -> list[int]:
+        """One llama_decode over several sequences (at most n_batch tokens in all). Returns,
+        per entry, the output index of its last token's logits, or -1 when not wanted."""
+        batch = self._batch
+        n = 0
+        indices = []
+        for entry in entries:
+            for i, token in enumerate(entry.tokens):
+                batch.token[n] = token
+                batch.pos[n] = entry.start_pos + i
+                batch.n_seq_id[n] = 1
+                batch.seq_id[n][0] = entry.seq_id
+                batch.logits[n] = False
+                n += 1
+            batch.logits[n - 1] = entry.want_logits
+            indices.append(n - 1 if entry.want_logits else -1)
+        batch.n_tokens = n
+        rc = lc.llama_decode(self._ptr, batch)
+        if rc != 0:
+            raise EngineError(f"llama_decode failed (code {rc}) on a batch of {n} tokens")
+        return indices
+
     def _fill_batch(
         self, tokens: list[int], start_pos: int, seq_id: int, want_logits: bool
     ) -> None:
@@ -236,9 +270,6 @@ class Context:
             batch.seq_id[i][0] = seq_id
             batch.logits[i] = False
         batch.logits[len(tokens) - 1] = want_logits
-
-    def logits_ptr(self, index: int = -1):  # noqa: ANN201 - a ctypes float pointer
-        return lc.llama_get_logits_ith(self._ptr, index)
 
     # -- KV memory ------------------------------------------------------------------------------
 

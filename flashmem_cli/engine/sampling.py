@@ -39,9 +39,6 @@ class Sampler:
         """Pick the next token from the logits at output `index` and accept it into the chain."""
         return int(lc.llama_sampler_sample(self._chain, ctx.ptr, index))
 
-    def reset(self) -> None:
-        lc.llama_sampler_reset(self._chain)
-
     def close(self) -> None:
         if self._chain:
             lc.llama_sampler_free(self._chain)

@@ -36,7 +36,7 @@ class KVSequence:
         start = len(self.tokens)
         try:
             self.ctx.decode(tokens, start, self.seq_id)
-        except EngineError:
+        except BaseException:  # a failed decode, or Ctrl-C arriving as it returns
             self.ctx.remove(self.seq_id, start, -1)
             raise
         self.tokens.extend(tokens)

@@ -29,6 +29,7 @@ META = "meta.json"
 TRANSCRIPT = "transcript.jsonl"
 STATE = "state.bin"
 LOCK = ".lock"
+ROLES = ("system", "user", "assistant")
 
 
 def validate_name(name: str) -> str:
@@ -128,10 +129,15 @@ class SessionStore:
                 raise SessionNotFound(f"no session named {name!r} (flashmem sessions list)")
             directory.mkdir(parents=True, exist_ok=True)
         lock_fd = _lock(directory, name)
-        if not (directory / META).is_file():
-            atomic_write_json(directory / META, new_meta(name))
-            (directory / TRANSCRIPT).touch()
-        return Session(directory, lock_fd)
+        try:
+            if not (directory / META).is_file():
+                atomic_write_json(directory / META, new_meta(name))
+                (directory / TRANSCRIPT).touch()
+            set_aside_torn_tail(directory / TRANSCRIPT)
+            return Session(directory, lock_fd)
+        except BaseException:
+            os.close(lock_fd)
+            raise
 
     def list(self) -> list[SessionSummary]:
         if not self.root.is_dir():
@@ -168,6 +174,13 @@ def read_meta(directory: Path) -> dict[str, Any]:
         raise SessionCorrupt(
             f"session {directory.name!r} has an unreadable meta.json: {exc}"
         ) from exc
+    if not (
+        isinstance(meta, dict)
+        and isinstance(meta.get("model") or {}, dict)
+        and isinstance(meta.get("kv") or {}, dict)
+        and isinstance(meta.get("n_ctx") or 0, int)
+    ):
+        raise SessionCorrupt(f"session {directory.name!r} has a meta.json of the wrong shape")
     if meta.get("format") != FORMAT_VERSION:
         raise SessionCorrupt(
             f"session {directory.name!r} has format {meta.get('format')}, expected {FORMAT_VERSION}"
@@ -186,18 +199,47 @@ def read_transcript(directory: Path) -> list[dict[str, Any]]:
         if not line.strip():
             continue
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
-            if number != len(lines):
-                raise SessionCorrupt(
-                    f"{path} line {number} is not valid JSON; fix or remove that line by hand"
-                ) from None
+            if number == len(lines):
+                continue
+            raise SessionCorrupt(
+                f"{path} line {number} is not valid JSON; fix or remove that line by hand"
+            ) from None
+        if not is_record(record):
+            raise SessionCorrupt(f"{path} line {number} is not a message or an event")
+        records.append(record)
     return records
 
 
+def is_record(record: Any) -> bool:
+    if not isinstance(record, dict):
+        return False
+    if "event" in record:
+        return isinstance(record["event"], str)
+    return record.get("role") in ROLES and isinstance(record.get("content"), str)
+
+
+def set_aside_torn_tail(path: Path) -> None:
+    """A last line cut short by a crash is copied beside the transcript and cut off it, so the
+    next append starts a line of its own."""
+    data = path.read_bytes() if path.exists() else b""
+    if not data or data.endswith(b"\n"):
+        return
+    tail_start = data.rfind(b"\n") + 1
+    aside = path.with_name(f"{path.name}.torn-{int(time.time())}")
+    aside.write_bytes(data[tail_start:])
+    with open(path, "r+b") as f:
+        f.truncate(tail_start)
+        os.fsync(f.fileno())
+
+
 def summarize(directory: Path) -> SessionSummary:
-    meta = read_meta(directory)
-    records = read_transcript(directory)
+    try:
+        meta = read_meta(directory)
+        records = read_transcript(directory)
+    except SessionCorrupt:
+        return SessionSummary(directory.name, 0, "", "(unreadable: sessions show NAME)", 0)
     state = directory / STATE
     return SessionSummary(
         name=directory.name,

@@ -1,0 +1,173 @@
+"""A batch run: lines in, one result line per id out, resumable and shardable."""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+from flashmem_cli import models
+from flashmem_cli.batch.requests import BatchRequest, LineError, parse_lines, shard_of
+from flashmem_cli.batch.results import (
+    Completion,
+    DoneSet,
+    JsonlWriter,
+    error_line,
+    scan_done,
+    success_line,
+)
+from flashmem_cli.batch.scheduler import BatchScheduler, BatchSettings
+from flashmem_cli.chat.conversation import load_model
+from flashmem_cli.config import sessions_dir
+from flashmem_cli.errors import FlashmemError
+from flashmem_cli.store.sessions import SessionStore
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    source: Path | None  # None: standard input
+    out: Path | None  # None: standard output
+    errors: Path | None  # None: standard error
+    model: str | None
+    n_gpu_layers: int | None
+    settings: BatchSettings
+    resume: bool = False
+    shard: tuple[int, int] = (0, 1)
+
+
+@dataclass
+class RunStats:
+    total: int = 0
+    skipped: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    started: float = field(default_factory=time.perf_counter)
+    decode_s: float = 0.0
+
+    @property
+    def done(self) -> int:
+        return self.succeeded + self.failed
+
+    @property
+    def elapsed_s(self) -> float:
+        return time.perf_counter() - self.started
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.generated_tokens / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+
+Progress = Callable[[RunStats], None]
+
+
+def default_paths(source: Path) -> tuple[Path, Path]:
+    stem = source.name.removesuffix(".jsonl")
+    return source.with_name(f"{stem}.out.jsonl"), source.with_name(f"{stem}.errors.jsonl")
+
+
+def run(plan: RunPlan, progress: Progress | None = None) -> RunStats:
+    """Every line of the plan's shard not done before gets exactly one line in OUT or ERR."""
+    file_model = models.resolve(plan.model)
+    items = [i for i in parse_lines(read_source(plan.source)) if in_shard(i, plan.shard)]
+    done = prepare_outputs(plan)
+    todo = [item for item in items if not done.has(item)]
+    stats = RunStats(total=len(items), skipped=len(items) - len(todo))
+    with open_output(plan.out) as out, open_output(plan.errors, stderr=True) as err:
+        out_writer = JsonlWriter(out, durable=plan.out is not None)
+        err_writer = JsonlWriter(err, durable=plan.errors is not None)
+
+        def report(request: BatchRequest | LineError, result: Completion | LineError) -> None:
+            if isinstance(result, LineError):
+                err_writer.write(error_line(result))
+                stats.failed += 1
+            else:
+                assert isinstance(request, BatchRequest)
+                out_writer.write(success_line(request, result, file_model.name))
+                stats.succeeded += 1
+                stats.prompt_tokens += result.prompt_tokens
+                stats.generated_tokens += result.completion_tokens
+            if progress:
+                progress(stats)
+
+        for item in todo:
+            if isinstance(item, LineError):
+                report(item, item)
+        requests = [item for item in todo if isinstance(item, BatchRequest)]
+        if requests:
+            run_requests(plan, file_model, requests, report, stats)
+    return stats
+
+
+def run_requests(
+    plan: RunPlan,
+    file_model: models.ModelFile,
+    requests: list[BatchRequest],
+    report: Callable[[BatchRequest, Completion | LineError], None],
+    stats: RunStats,
+) -> None:
+    loaded = load_model(file_model, plan.n_gpu_layers)
+    try:
+        scheduler = BatchScheduler(loaded, plan.settings, SessionStore(sessions_dir()))
+        try:
+            scheduler.run(requests, report)
+        finally:
+            stats.decode_s = scheduler.decode_s
+            scheduler.close()
+    finally:
+        loaded.model.close()
+
+
+def read_source(source: Path | None) -> bytes:
+    if source is None:
+        return sys.stdin.buffer.read()
+    try:
+        return source.read_bytes()
+    except OSError as exc:
+        raise FlashmemError(f"cannot read {source}: {exc.strerror}") from None
+
+
+def in_shard(item: BatchRequest | LineError, shard: tuple[int, int]) -> bool:
+    index, count = shard
+    return count == 1 or shard_of(item.id, count) == index
+
+
+def prepare_outputs(plan: RunPlan) -> DoneSet:
+    """With --resume, what earlier runs finished; without, refuse to mix with old results."""
+    files = [p for p in (plan.out, plan.errors) if p is not None]
+    if plan.resume:
+        if plan.out is None:
+            raise FlashmemError("--resume needs an output file (-o)")
+        return scan_done(plan.out, plan.errors or Path("/nonexistent"))
+    for path in files:
+        if path.exists() and path.stat().st_size > 0:
+            raise FlashmemError(
+                f"{path} already has results: pass --resume to continue, or remove it"
+            )
+    return DoneSet(frozenset(), frozenset())
+
+
+class open_output:  # noqa: N801 - used like open()
+    """A file opened for appending, or standard output/error when there is no path."""
+
+    def __init__(self, path: Path | None, stderr: bool = False):
+        self.path = path
+        self.stderr = stderr
+        self.stream: IO[str] | None = None
+
+    def __enter__(self) -> IO[str]:
+        if self.path is None:
+            return sys.stderr if self.stderr else sys.stdout
+        try:
+            self.stream = open(self.path, "a", encoding="utf-8")
+        except OSError as exc:
+            raise FlashmemError(f"cannot write {self.path}: {exc.strerror}") from None
+        return self.stream
+
+    def __exit__(self, *exc: object) -> None:
+        if self.stream:
+            self.stream.close()

@@ -1,0 +1,386 @@
+"""Continuous batching: many requests in one llama.cpp context, one token of each live
+sequence per decode, a free slot refilled as soon as a request finishes.
+
+Requests whose prompts start with the same system prompt share its KV cells: the prefix is
+decoded once into a prefix sequence and tagged onto each slot with `llama_memory_seq_cp`.
+Requests with a `session` run through the session store, one at a time per session.
+"""
+
+from __future__ import annotations
+
+import codecs
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from flashmem_cli.batch.requests import BatchRequest, LineError
+from flashmem_cli.batch.results import Completion
+from flashmem_cli.chat.conversation import (
+    ChatOptions,
+    Conversation,
+    LoadedModel,
+    PendingTurn,
+    chat_template_for,
+)
+from flashmem_cli.engine.backend import BatchEntry, Context, ContextParams
+from flashmem_cli.engine.sampling import Sampler, SamplingParams
+from flashmem_cli.engine.sequence import KVSequence
+from flashmem_cli.engine.templates import pinned_prefix
+from flashmem_cli.errors import (
+    ContextOverflow,
+    FlashmemError,
+    InvalidSessionName,
+    SessionInUse,
+    StateMismatch,
+    TemplateError,
+)
+from flashmem_cli.store.sessions import SessionStore
+
+PREFIX_SLOTS = 2
+MIN_SHARED_PREFIX = 4
+ResultHandler = Callable[[BatchRequest, "Completion | LineError"], None]
+
+
+@dataclass(frozen=True)
+class BatchSettings:
+    n_ctx: int  # per sequence
+    parallel: int
+    n_predict: int
+    sampling: SamplingParams
+    n_threads: int
+    n_batch: int = 512
+
+
+@dataclass
+class Job:
+    request: BatchRequest
+    slot: KVSequence
+    sampler: Sampler
+    to_feed: list[int]  # prompt tokens not yet decoded
+    prompt_tokens: int
+    max_tokens: int
+    started: float = field(default_factory=time.perf_counter)
+    generated: list[int] = field(default_factory=list)
+    text: str = ""
+    pending: int | None = None  # sampled, not yet decoded
+    finish: str | None = None
+    first_token_ms: float | None = None
+    conversation: Conversation | None = None
+    turn: PendingTurn | None = None
+    decoder: codecs.IncrementalDecoder = field(
+        default_factory=lambda: codecs.getincrementaldecoder("utf-8")("replace")
+    )
+
+
+class PrefixCache:
+    """A few sequences holding shared prompt heads, least recently used evicted first."""
+
+    def __init__(self, sequences: list[KVSequence]):
+        self.free = list(sequences)
+        self.entries: OrderedDict[tuple[int, ...], KVSequence] = OrderedDict()
+
+    def get(self, tokens: list[int]) -> KVSequence:
+        key = tuple(tokens)
+        if key in self.entries:
+            self.entries.move_to_end(key)
+            return self.entries[key]
+        if self.free:
+            seq = self.free.pop()
+        else:
+            _, seq = self.entries.popitem(last=False)
+            seq.clear()
+        seq.feed(tokens)
+        self.entries[key] = seq
+        return seq
+
+
+class BatchScheduler:
+    def __init__(self, loaded: LoadedModel, settings: BatchSettings, store: SessionStore):
+        self.loaded = loaded
+        self.model = loaded.model
+        self.settings = settings
+        self.store = store
+        n_seq = settings.parallel + PREFIX_SLOTS
+        params = ContextParams(
+            n_ctx=settings.n_ctx * (settings.parallel + 1),
+            n_batch=settings.n_batch,
+            n_threads=settings.n_threads,
+            n_seq_max=n_seq,
+        )
+        self.ctx = Context(self.model, params)
+        self.slots = [KVSequence(self.ctx, i, settings.n_ctx) for i in range(settings.parallel)]
+        self.prefixes = PrefixCache(
+            [KVSequence(self.ctx, i, settings.n_ctx) for i in range(settings.parallel, n_seq)]
+        )
+        self.template = chat_template_for(self.model)
+        self.decode_s = 0.0
+
+    def close(self) -> None:
+        self.ctx.close()
+
+    def run(self, requests: Iterable[BatchRequest], on_result: ResultHandler) -> None:
+        pending = deque(requests)
+        active: dict[int, Job] = {}
+        while pending or active:
+            self._admit(pending, active, on_result)
+            if active:
+                self._step(active)
+                self._retire(active, on_result)
+
+    # -- admission ------------------------------------------------------------------------------
+
+    def _admit(
+        self, pending: deque[BatchRequest], active: dict[int, Job], on_result: ResultHandler
+    ) -> None:
+        free = [i for i in range(len(self.slots)) if i not in active]
+        while free and pending:
+            request = self._next_admissible(pending, active)
+            if request is None:
+                return
+            slot = self.slots[free[0]]
+            try:
+                job = self._start(request, slot)
+            except FlashmemError as exc:
+                slot.clear()
+                on_result(request, LineError(request.line, request.id, error_code(exc), str(exc)))
+                continue
+            if job.finish:
+                self._finish(job, on_result)
+                continue
+            active[free.pop(0)] = job
+
+    def _next_admissible(
+        self, pending: deque[BatchRequest], active: dict[int, Job]
+    ) -> BatchRequest | None:
+        """The first request whose session (if any) has no request in flight."""
+        busy = {job.request.session for job in active.values() if job.request.session}
+        for i, request in enumerate(pending):
+            if request.session is None or request.session not in busy:
+                del pending[i]
+                return request
+            busy.add(request.session)  # later lines of a busy session wait behind it
+        return None
+
+    def _start(self, request: BatchRequest, slot: KVSequence) -> Job:
+        sampler = Sampler(self._sampling(request))
+        try:
+            if request.session:
+                return self._start_session_turn(request, slot, sampler)
+            return self._start_stateless(request, slot, sampler)
+        except BaseException:
+            sampler.close()
+            raise
+
+    def _sampling(self, request: BatchRequest) -> SamplingParams:
+        base = self.settings.sampling
+        return SamplingParams(
+            temperature=base.temperature if request.temperature is None else request.temperature,
+            top_k=base.top_k,
+            top_p=base.top_p if request.top_p is None else request.top_p,
+            min_p=base.min_p,
+            seed=base.seed if request.seed is None else request.seed,
+        )
+
+    def _max_tokens(self, request: BatchRequest) -> int:
+        limit = request.max_tokens if request.max_tokens is not None else self.settings.n_predict
+        return limit if limit >= 0 else self.settings.n_ctx
+
+    def _start_stateless(self, request: BatchRequest, slot: KVSequence, sampler: Sampler) -> Job:
+        head, rest = self._prompt_tokens(request)
+        total = len(head) + len(rest)
+        if total >= self.settings.n_ctx:
+            raise ContextOverflow(
+                f"the prompt is {total} tokens; -c {self.settings.n_ctx} allows {self.settings.n_ctx - 1}"
+            )
+        slot.clear()
+        if len(head) >= MIN_SHARED_PREFIX and rest:
+            slot.copy_prefix_from(self.prefixes.get(head), len(head))
+            to_feed = rest
+        else:
+            to_feed = head + rest
+        return Job(request, slot, sampler, to_feed, total, self._max_tokens(request))
+
+    def _prompt_tokens(self, request: BatchRequest) -> tuple[list[int], list[int]]:
+        """(shareable head, the rest): the head ends after the system prompt."""
+        if request.kind == "completion":
+            tokens = self.model.tokenize(request.prompt)
+            if self.model.add_bos and tokens[:1] != [self.model.bos]:
+                tokens = [self.model.bos] + tokens
+            return [], tokens
+        text = self.template.render(request.messages, add_generation_prompt=True)
+        first = request.messages[0]
+        system = first["content"] if first["role"] == "system" else None
+        head_text = pinned_prefix(text, system, self.template.bos_token) if system else ""
+        head = self.model.tokenize(head_text) if head_text else []
+        rest = self.model.tokenize(text[len(head_text) :])
+        if self.model.add_bos and (head or rest)[:1] != [self.model.bos]:
+            head, rest = ([self.model.bos] + head, rest) if head else ([], [self.model.bos] + rest)
+        return head, rest
+
+    def _start_session_turn(self, request: BatchRequest, slot: KVSequence, sampler: Sampler) -> Job:
+        text, system = session_message(request)
+        options = ChatOptions(n_ctx=self.settings.n_ctx, n_predict=self._max_tokens(request))
+        slot.clear()
+        session = self.store.open(request.session or "")
+        try:
+            conversation = Conversation(session, self.loaded, options, seq=slot)
+        except BaseException:
+            session.close()
+            raise
+        try:
+            if system is not None:
+                conversation.set_system_prompt(system)
+            turn = conversation.begin_turn(text)
+        except BaseException:
+            conversation.close()
+            raise
+        job = Job(request, slot, sampler, [], turn.reply_start, self._max_tokens(request))
+        job.conversation, job.turn, job.started = conversation, turn, turn.start
+        self._accept(job, sampler.sample(self.ctx, -1))  # begin_turn left the logits current
+        return job
+
+    # -- decoding -------------------------------------------------------------------------------
+
+    def _step(self, active: dict[int, Job]) -> None:
+        """One decode: the pending token of every generating job, then prompt chunks."""
+        entries: list[BatchEntry] = []
+        fed: list[tuple[Job, list[int], bool]] = []  # (job, tokens, from its prompt)
+        budget = self.ctx.n_batch
+        for job in active.values():
+            if job.pending is not None:
+                entries.append(BatchEntry(job.slot.seq_id, len(job.slot), [job.pending], True))
+                fed.append((job, [job.pending], False))
+                budget -= 1
+        for job in active.values():
+            if job.to_feed and budget > 0:
+                chunk = job.to_feed[:budget]
+                done = len(chunk) == len(job.to_feed)
+                entries.append(BatchEntry(job.slot.seq_id, len(job.slot), chunk, done))
+                fed.append((job, chunk, True))
+                budget -= len(chunk)
+        start = time.perf_counter()
+        indices = self.ctx.decode_batch(entries)
+        self.decode_s += time.perf_counter() - start
+        for (job, tokens, from_prompt), index in zip(fed, indices, strict=True):
+            job.slot.extend_decoded(tokens)
+            if from_prompt:
+                job.to_feed = job.to_feed[len(tokens) :]
+            else:
+                job.pending = None
+            if index >= 0:
+                self._accept(job, job.sampler.sample(self.ctx, index))
+
+    def _accept(self, job: Job, token: int) -> None:
+        if job.first_token_ms is None:
+            job.first_token_ms = ms_since(job.started)
+        if self.model.is_eog(token):
+            job.finish = "stop"
+            return
+        job.generated.append(token)
+        job.pending = token
+        job.text += job.decoder.decode(self.model.token_bytes(token))
+        cut = stop_index(job.text, job.request.stop)
+        if cut is not None:
+            job.text = job.text[:cut]
+            job.finish = "stop"
+        elif len(job.generated) >= job.max_tokens or job.slot.free <= 1:
+            job.finish = "length"
+
+    # -- retiring -------------------------------------------------------------------------------
+
+    def _retire(self, active: dict[int, Job], on_result: ResultHandler) -> None:
+        for index in [i for i, job in active.items() if job.finish]:
+            self._finish(active.pop(index), on_result)
+
+    def _finish(self, job: Job, on_result: ResultHandler) -> None:
+        result: Completion | LineError
+        try:
+            result = self._session_result(job) if job.conversation else self._plain_result(job)
+        except FlashmemError as exc:
+            result = LineError(job.request.line, job.request.id, error_code(exc), str(exc))
+        finally:
+            job.sampler.close()
+            if job.conversation:
+                job.conversation.close()
+            job.slot.clear()
+        on_result(job.request, result)
+
+    def _plain_result(self, job: Job) -> Completion:
+        job.text += job.decoder.decode(b"", final=True)
+        return Completion(
+            text=job.text,
+            finish_reason=job.finish or "stop",
+            prompt_tokens=job.prompt_tokens,
+            completion_tokens=len(job.generated),
+            timings_ms={"ttft": job.first_token_ms or 0.0, "total": ms_since(job.started)},
+        )
+
+    def _session_result(self, job: Job) -> Completion:
+        """Bring the cache in line with the reply (feed the last token, cut after a stop
+        string), then let the conversation record and save it."""
+        assert job.conversation is not None and job.turn is not None
+        slot, turn = job.slot, job.turn
+        if job.pending is not None and len(slot) < turn.reply_start + len(job.generated):
+            slot.feed([job.pending])
+        keep = tokens_covering(self.model.token_bytes, job.generated, job.text)
+        slot.drop(turn.reply_start + keep, len(slot))
+        result = job.conversation.finish_turn(turn, job.finish or "stop", job.first_token_ms or 0.0)
+        return Completion(
+            text=result.reply,
+            finish_reason=result.finish_reason,
+            prompt_tokens=turn.reply_start,
+            completion_tokens=result.generated_tokens,
+            timings_ms=result.timings_ms,
+            extra={
+                "session": job.request.session,
+                "cached_tokens": result.cached_tokens,
+                "dropped_turns": result.dropped_turns,
+                "memory_events": [],
+            },
+        )
+
+
+def session_message(request: BatchRequest) -> tuple[str, str | None]:
+    """The user's message of a session line, and a system prompt for a new session."""
+    if request.kind == "completion":
+        return request.prompt, None
+    last = request.messages[-1]
+    if last["role"] != "user":
+        raise InvalidSessionName("a session line's last message must be the user's")
+    system = next((m["content"] for m in request.messages if m["role"] == "system"), None)
+    return last["content"], system
+
+
+def stop_index(text: str, stops: tuple[str, ...]) -> int | None:
+    found = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(found) if found else None
+
+
+def tokens_covering(token_bytes: Callable[[int], bytes], tokens: list[int], text: str) -> int:
+    """How many of `tokens` it takes to spell at least `text` (all when the text is whole)."""
+    target = len(text.encode("utf-8"))
+    size = 0
+    for count, token in enumerate(tokens, 1):
+        size += len(token_bytes(token))
+        if size >= target:
+            return count
+    return len(tokens)
+
+
+def error_code(exc: FlashmemError) -> str:
+    if isinstance(exc, ContextOverflow):
+        return "context_length_exceeded"
+    if isinstance(exc, InvalidSessionName):
+        return "invalid_session"
+    if isinstance(exc, SessionInUse):
+        return "session_in_use"
+    if isinstance(exc, StateMismatch):
+        return "session_state_mismatch"
+    if isinstance(exc, TemplateError):
+        return "template_error"
+    return "request_failed"
+
+
+def ms_since(start: float) -> float:
+    return round((time.perf_counter() - start) * 1000, 2)
