@@ -41,6 +41,7 @@ lint: install
 
 bench: install
 	$(BIN)/python -m flashmem_cli.bench.resume
+	$(BIN)/python -m flashmem_cli.bench.batch
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -382,7 +382,7 @@ def run_batch(
         stats = batch_runner.run(plan, progress.update)
     if not quiet:
         print_summary(stats, plan)
-    if stats.failed:
+    if stats.failed or stats.failed_before:
         raise typer.Exit(2)
 
 
@@ -434,6 +434,7 @@ def print_summary(stats: batch_runner.RunStats, plan: batch_runner.RunPlan) -> N
     rows = [
         ("lines", stats.total),
         ("skipped (--resume)", stats.skipped),
+        ("failed in earlier runs", stats.failed_before),
         ("succeeded", stats.succeeded),
         ("failed", stats.failed),
         ("prompt tokens", stats.prompt_tokens),

@@ -42,6 +42,7 @@ class RunPlan:
 class RunStats:
     total: int = 0
     skipped: int = 0
+    failed_before: int = 0  # skipped lines that earlier runs reported as errors
     succeeded: int = 0
     failed: int = 0
     prompt_tokens: int = 0
@@ -76,7 +77,11 @@ def run(plan: RunPlan, progress: Progress | None = None) -> RunStats:
     items = [i for i in parse_lines(read_source(plan.source)) if in_shard(i, plan.shard)]
     done = prepare_outputs(plan)
     todo = [item for item in items if not done.has(item)]
-    stats = RunStats(total=len(items), skipped=len(items) - len(todo))
+    stats = RunStats(
+        total=len(items),
+        skipped=len(items) - len(todo),
+        failed_before=sum(1 for item in items if item.line in done.error_lines),
+    )
     with open_output(plan.out) as out, open_output(plan.errors, stderr=True) as err:
         out_writer = JsonlWriter(out, durable=plan.out is not None)
         err_writer = JsonlWriter(err, durable=plan.errors is not None)

@@ -3,7 +3,7 @@
     python -m flashmem_cli.bench.batch [--prompts 32] [--tokens 64] [--parallel 1,4,8]
 
 Each setting runs the same greedy requests through `flashmem_cli.batch.runner` in this
-process, after one warm-up run. Reported: generated tokens / wall time of the whole run
+process, after one warm-up run; settings are interleaved run by run and medians reported. Reported: generated tokens / wall time of the whole run
 (prompt processing included), and generated tokens / time inside llama_decode.
 """
 
@@ -32,7 +32,11 @@ def main() -> None:
         source = Path(tmp) / "prompts.jsonl"
         source.write_text("".join(json.dumps(line) + "\n" for line in prompts(args)))
         measure(source, Path(tmp), 1, args, "warmup")
-        rows = [row_for(source, Path(tmp), p, args) for p in args.parallel]
+        runs: dict[int, list[runner.RunStats]] = {p: [] for p in args.parallel}
+        for r in range(args.runs):  # interleaved, so drift on a shared machine hits all alike
+            for p in args.parallel:
+                runs[p].append(measure(source, Path(tmp), p, args, f"p{p}-{r}"))
+        rows = [row_for(p, runs[p]) for p in args.parallel]
     if args.json:
         print(json.dumps(rows, indent=2))
         return
@@ -57,7 +61,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--parallel", type=lambda s: [int(p) for p in s.split(",")], default=[1, 4, 8]
     )
-    parser.add_argument("--runs", type=int, default=1)
+    parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("-m", "--model", default=None)
     parser.add_argument("--json", action="store_true")
     return parser.parse_args()
@@ -75,8 +79,7 @@ def prompts(args: argparse.Namespace) -> list[dict]:
     ]
 
 
-def row_for(source: Path, tmp: Path, parallel: int, args: argparse.Namespace) -> dict:
-    runs = [measure(source, tmp, parallel, args, f"p{parallel}-{r}") for r in range(args.runs)]
+def row_for(parallel: int, runs: list[runner.RunStats]) -> dict:
     return {
         "parallel": parallel,
         "generated_tokens": runs[0].generated_tokens,

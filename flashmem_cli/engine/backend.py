@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import llama_cpp as lc
+import numpy as np
 
 from flashmem_cli.errors import EngineError, ModelNotFound
 
@@ -270,6 +271,17 @@ class Context:
             batch.seq_id[i][0] = seq_id
             batch.logits[i] = False
         batch.logits[len(tokens) - 1] = want_logits
+
+    def logits(self, index: int = -1) -> np.ndarray:
+        """A copy of the logits at output `index` of the last decode (-1: the last output)."""
+        return self.logits_view(index).copy()
+
+    def logits_view(self, index: int = -1) -> np.ndarray:
+        """The logits at output `index`, without a copy: valid until the next decode."""
+        ptr = lc.llama_get_logits_ith(self._ptr, index)
+        if not ptr:
+            raise EngineError(f"no logits at output {index}")
+        return np.ctypeslib.as_array(ptr, shape=(self.model.n_vocab,))
 
     # -- KV memory ------------------------------------------------------------------------------
 

@@ -1,0 +1,251 @@
+"""`flashmem run` on the real default model."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from conftest import run_cli
+from openai.types import Completion
+from openai.types.chat import ChatCompletion
+
+from flashmem_cli.engine.backend import Context, ContextParams, Model
+from flashmem_cli.engine.sequence import KVSequence
+
+GREEDY = ["--temp", "0", "-c", "256", "-t", "2", "-q"]
+NEAR_TIE = 0.5  # logits; batched kernels are not batch-invariant (see the note on issue 4)
+
+
+def write_lines(path: Path, lines: list) -> Path:
+    path.write_bytes(
+        b"".join(
+            (line if isinstance(line, bytes) else json.dumps(line).encode()) + b"\n"
+            for line in lines
+        )
+    )
+    return path
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def chat_line(custom_id, text, system="You are a helpful assistant.", tokens=8):
+    messages = [{"role": "system", "content": system}] if system else []
+    return {
+        "custom_id": custom_id,
+        "method": "POST",
+        "url": "/v1/chat/completions",
+        "body": {
+            "model": "gpt-4o-mini",
+            "max_tokens": tokens,
+            "messages": messages + [{"role": "user", "content": text}],
+        },
+    }
+
+
+def completion_lines(n, tokens=24):
+    return [
+        {
+            "id": f"q{i}",
+            "prompt": f"Question {i}: what is {i} plus {i * 3}? Answer:",
+            "max_tokens": tokens,
+        }
+        for i in range(n)
+    ]
+
+
+def test_mixed_file_every_line_gets_exactly_one_result(home, model_path, tmp_path):
+    good = [
+        chat_line("c1", "Say hi."),
+        chat_line("c2", "Name a color."),
+        {
+            "custom_id": "t1",
+            "method": "POST",
+            "url": "/v1/completions",
+            "body": {"prompt": "The capital of France is", "max_tokens": 6},
+        },
+        {"id": "s1", "prompt": "Once upon a time", "max_tokens": 6, "stop": ["\n"]},
+        {"prompt": "No id given", "max_tokens": 3},
+    ]
+    bad = [
+        (b"not json", "invalid_json"),
+        (b"[1, 2]", "invalid_request"),
+        ({"id": "empty"}, "invalid_request"),
+        ({"custom_id": "u1", "method": "POST", "url": "/v1/embeddings", "body": {}}, "unknown_url"),
+        ({"id": "c1", "prompt": "again"}, "duplicate_id"),
+        ({"id": "long", "prompt": "word " * 400}, "context_length_exceeded"),
+        ({"id": "bad-session", "prompt": "x", "session": "no/slash"}, "invalid_session"),
+        (b'{"id": "latin1", "prompt": "caf\xe9"}', "invalid_encoding"),
+    ]
+    source = write_lines(tmp_path / "mixed.jsonl", good + [line for line, _ in bad])
+    proc = run_cli("run", str(source), *GREEDY, "--parallel", "3")
+    assert proc.returncode == 2, proc.stderr  # some lines failed
+
+    outputs = read_jsonl(tmp_path / "mixed.out.jsonl")
+    errors = read_jsonl(tmp_path / "mixed.errors.jsonl")
+    assert sorted(o["custom_id"] for o in outputs) == sorted(["c1", "c2", "t1", "s1", "line-5"])
+    for output in outputs:
+        body = output["response"]["body"]
+        assert output["error"] is None and output["response"]["status_code"] == 200
+        model_type = ChatCompletion if body["object"] == "chat.completion" else Completion
+        parsed = model_type.model_validate(body)
+        assert parsed.model == "gemma-3-270m-q4_k_m"
+        assert parsed.usage.completion_tokens > 0
+    assert {o["custom_id"]: o["response"]["body"]["flashmem"]["requested_model"] for o in outputs}[
+        "c1"
+    ] == "gpt-4o-mini"
+    assert sorted(e["error"]["code"] for e in errors) == sorted(code for _, code in bad)
+    assert all(e["response"] is None and e["error"]["message"] for e in errors)
+
+
+def greedy_trace(model, prompt, n_tokens):
+    """Greedy tokens of one sequence alone, with the top-2 logit margin at each step."""
+    with Context(model, ContextParams(n_ctx=256, n_threads=2)) as ctx:
+        seq = KVSequence(ctx)
+        seq.feed([model.bos] + model.tokenize(prompt))
+        tokens, margins = [], []
+        for _ in range(n_tokens):
+            logits = ctx.logits()
+            second, first = np.argsort(logits)[-2:]
+            margins.append(float(logits[first] - logits[second]))
+            if model.is_eog(int(first)):
+                break
+            tokens.append(int(first))
+            seq.feed([int(first)])
+    return tokens, margins
+
+
+def test_parallel_results_equal_sequential_up_to_near_ties(home, model_path, tmp_path):
+    lines = completion_lines(12)
+    source = write_lines(tmp_path / "p.jsonl", lines)
+    texts = {}
+    for parallel in (1, 4):
+        out = tmp_path / f"p{parallel}.out.jsonl"
+        proc = run_cli("run", str(source), "-o", str(out), *GREEDY, "--parallel", str(parallel))
+        assert proc.returncode == 0, proc.stderr
+        texts[parallel] = {
+            o["custom_id"]: o["response"]["body"]["choices"][0]["text"] for o in read_jsonl(out)
+        }
+    with Model(model_path, n_gpu_layers=0) as model:
+        for line in lines:
+            sequential, batched = texts[1][line["id"]], texts[4][line["id"]]
+            if sequential == batched:
+                continue
+            tokens, margins = greedy_trace(model, line["prompt"], line["max_tokens"])
+            assert model.detokenize(tokens) == sequential  # --parallel 1 is the plain run
+            step = next(
+                i
+                for i in range(len(tokens))
+                if not batched.startswith(model.detokenize(tokens[: i + 1]))
+            )
+            assert margins[step] < NEAR_TIE, (line["id"], step, margins[step])
+
+
+def test_killed_run_resumes_with_every_id_exactly_once(home, model_path, tmp_path):
+    lines = completion_lines(16, tokens=16) + [b"broken line"]
+    source = write_lines(tmp_path / "k.jsonl", lines)
+    command = [sys.executable, "-m", "flashmem_cli", "run", str(source), *GREEDY, "--parallel", "2"]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out = tmp_path / "k.out.jsonl"
+    deadline = time.time() + 120
+    while len(read_jsonl(out)) < 4 and time.time() < deadline:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    with open(out, "a") as f:
+        f.write('{"custom_id": "q15", "response": {"status')  # as if killed mid-write
+
+    refused = run_cli("run", str(source), *GREEDY)
+    assert refused.returncode == 1 and "--resume" in refused.stderr
+    resumed = run_cli("run", str(source), *GREEDY, "--parallel", "2", "--resume")
+    assert resumed.returncode == 2, resumed.stderr  # the broken line
+    ids = [o["custom_id"] for o in read_jsonl(out)]
+    errors = read_jsonl(tmp_path / "k.errors.jsonl")
+    assert sorted(ids) == sorted(f"q{i}" for i in range(16))
+    assert [e["error"]["code"] for e in errors] == ["invalid_json"]
+
+
+def test_shards_cover_every_id_exactly_once(home, model_path, tmp_path):
+    source = write_lines(tmp_path / "s.jsonl", completion_lines(10, tokens=2))
+    seen = []
+    for index in range(3):
+        out = tmp_path / f"s{index}.out.jsonl"
+        proc = run_cli(
+            "run",
+            str(source),
+            "-o",
+            str(out),
+            "--errors",
+            str(tmp_path / f"e{index}"),
+            *GREEDY,
+            "--shard",
+            f"{index}/3",
+        )
+        assert proc.returncode == 0, proc.stderr
+        seen += [o["custom_id"] for o in read_jsonl(out)]
+    assert sorted(seen) == sorted(f"q{i}" for i in range(10))
+    assert run_cli("run", str(source), "--shard", "3/3").returncode == 1
+
+
+def test_session_lines_run_in_order_and_continue_the_session(home, model_path, tmp_path):
+    lines = [
+        {
+            "id": "a1",
+            "session": "alpha",
+            "messages": [{"role": "user", "content": "I am Ada."}],
+            "max_tokens": 6,
+        },
+        {"id": "b1", "session": "beta", "prompt": "I am Bob.", "max_tokens": 6},
+        {
+            "id": "a2",
+            "session": "alpha",
+            "messages": [{"role": "user", "content": "Who am I?"}],
+            "max_tokens": 6,
+        },
+        {"id": "b2", "session": "beta", "prompt": "Who am I?", "max_tokens": 6},
+    ]
+    source = write_lines(tmp_path / "sess.jsonl", lines)
+    proc = run_cli("run", str(source), *GREEDY)
+    assert proc.returncode == 0, proc.stderr
+    bodies = {
+        o["custom_id"]: o["response"]["body"] for o in read_jsonl(tmp_path / "sess.out.jsonl")
+    }
+    assert bodies["a2"]["flashmem"]["cached_tokens"] > 0
+    transcript = [
+        json.loads(row)["content"]
+        for row in (home / "sessions" / "alpha" / "transcript.jsonl").read_text().splitlines()
+    ]
+    assert transcript == [
+        "I am Ada.",
+        bodies["a1"]["choices"][0]["message"]["content"],
+        "Who am I?",
+        bodies["a2"]["choices"][0]["message"]["content"],
+    ]
+    # The session goes on in chat, costing only the new turn.
+    chat = json.loads(
+        run_cli(
+            "chat", "-s", "alpha", "-c", "256", "--temp", "0", "-n", "2", "-p", "Thanks.", "--json"
+        ).stdout
+    )
+    assert chat["tokens"]["cached"] > 0
+
+
+def test_missing_model_and_unreadable_file_are_fatal(home, tmp_path):
+    source = write_lines(tmp_path / "m.jsonl", completion_lines(1))
+    proc = run_cli("run", str(source), "-m", "nope")
+    assert proc.returncode == 1 and proc.stderr.startswith("error: model 'nope' not found")
+    proc = run_cli("run", str(tmp_path / "absent.jsonl"))
+    assert proc.returncode == 1 and "cannot read" in proc.stderr
+
+
+def test_standard_input_to_standard_output(home, model_path):
+    lines = "".join(json.dumps(x) + "\n" for x in completion_lines(2, tokens=3))
+    proc = run_cli("run", "-", *GREEDY, stdin=lines)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(json.loads(x)["custom_id"] for x in proc.stdout.splitlines()) == ["q0", "q1"]
