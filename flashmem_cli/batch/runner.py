@@ -48,6 +48,7 @@ class RunStats:
     prompt_tokens: int = 0
     generated_tokens: int = 0
     started: float = field(default_factory=time.perf_counter)
+    finished: float | None = None
     decode_s: float = 0.0
 
     @property
@@ -56,7 +57,7 @@ class RunStats:
 
     @property
     def elapsed_s(self) -> float:
-        return time.perf_counter() - self.started
+        return (self.finished or time.perf_counter()) - self.started
 
     @property
     def tokens_per_s(self) -> float:
@@ -105,6 +106,7 @@ def run(plan: RunPlan, progress: Progress | None = None) -> RunStats:
         requests = [item for item in todo if isinstance(item, BatchRequest)]
         if requests:
             run_requests(plan, file_model, requests, report, stats)
+    stats.finished = time.perf_counter()
     return stats
 
 
