@@ -249,3 +249,30 @@ def test_standard_input_to_standard_output(home, model_path):
     proc = run_cli("run", "-", *GREEDY, stdin=lines)
     assert proc.returncode == 0, proc.stderr
     assert sorted(json.loads(x)["custom_id"] for x in proc.stdout.splitlines()) == ["q0", "q1"]
+
+
+def test_a_shared_system_prompt_is_decoded_once(home, model_path):
+    from flashmem_cli.batch.requests import parse_lines
+    from flashmem_cli.batch.scheduler import BatchScheduler, BatchSettings
+    from flashmem_cli.chat.conversation import load_model
+    from flashmem_cli.engine.sampling import SamplingParams
+    from flashmem_cli.models import describe
+    from flashmem_cli.store.sessions import SessionStore
+
+    lines = [chat_line(f"c{i}", f"Question {i}?", tokens=4) for i in range(3)]
+    lines.append(chat_line("other", "Hello?", system="You are a pirate.", tokens=4))
+    requests = parse_lines(b"".join(json.dumps(line).encode() + b"\n" for line in lines))
+    settings = BatchSettings(
+        n_ctx=256, parallel=2, n_predict=4, sampling=SamplingParams(temperature=0), n_threads=2
+    )
+    loaded = load_model(describe(model_path), n_gpu_layers=0)
+    scheduler = BatchScheduler(loaded, settings, SessionStore(home / "sessions"))
+    results = {}
+    try:
+        scheduler.run(requests, lambda request, result: results.update({request.id: result}))
+        assert (scheduler.prefixes.builds, scheduler.prefixes.hits) == (2, 2)
+    finally:
+        scheduler.close()
+        loaded.model.close()
+    assert sorted(results) == ["c0", "c1", "c2", "other"]
+    assert all(r.completion_tokens > 0 and r.prompt_tokens > 10 for r in results.values())

@@ -79,12 +79,16 @@ class PrefixCache:
     def __init__(self, sequences: list[KVSequence]):
         self.free = list(sequences)
         self.entries: OrderedDict[tuple[int, ...], KVSequence] = OrderedDict()
+        self.hits = 0
+        self.builds = 0
 
     def get(self, tokens: list[int]) -> KVSequence:
         key = tuple(tokens)
         if key in self.entries:
+            self.hits += 1
             self.entries.move_to_end(key)
             return self.entries[key]
+        self.builds += 1
         if self.free:
             seq = self.free.pop()
         else:
