@@ -64,11 +64,38 @@ ModelOpt = Annotated[
     typer.Option(
         "-m",
         "--model",
-        help="GGUF path or name in models/ [env FLASHMEM_MODEL; default: the "
-        "session's model, else gemma-3-270m-q4_k_m]",
+        help="GGUF path or name in models/ (env FLASHMEM_MODEL; default: the "
+        "session's model, else gemma-3-270m-q4_k_m)",
         show_default=False,
     ),
 ]
+
+
+GpuLayersOpt = Annotated[
+    int | None,
+    typer.Option(
+        "-ngl",
+        "--n-gpu-layers",
+        help="Layers to offload (default: all when the build has GPU offload)",
+    ),
+]
+ThreadsOpt = Annotated[int | None, typer.Option("-t", "--threads", help="CPU threads.", min=1)]
+TopKOpt = Annotated[int, typer.Option("--top-k", min=0)]
+TopPOpt = Annotated[float, typer.Option("--top-p", min=0.0, max=1.0)]
+MinPOpt = Annotated[float, typer.Option("--min-p", min=0.0, max=1.0)]
+
+
+def sampling_params(
+    temp: float, top_k: int, top_p: float, min_p: float, seed: int
+) -> SamplingParams:
+    """llama.cpp's flags to sampler settings; a seed of -1 means random."""
+    return SamplingParams(
+        temperature=temp,
+        top_k=top_k,
+        top_p=top_p,
+        min_p=min_p,
+        seed=RANDOM_SEED if seed < 0 else seed,
+    )
 
 
 def store() -> SessionStore:
@@ -93,22 +120,13 @@ def chat(
         typer.Option(
             "-c",
             "--ctx-size",
-            help=f"Context tokens [default: the session's, else {DEFAULT_CTX}]",
+            help=f"Context tokens (default: the session's, else {DEFAULT_CTX})",
             min=64,
             max=MAX_CTX,
         ),
     ] = None,
-    n_gpu_layers: Annotated[
-        int | None,
-        typer.Option(
-            "-ngl",
-            "--n-gpu-layers",
-            help="Layers to offload [default: all when the build has GPU offload]",
-        ),
-    ] = None,
-    threads: Annotated[
-        int | None, typer.Option("-t", "--threads", help="CPU threads.", min=1)
-    ] = None,
+    n_gpu_layers: GpuLayersOpt = None,
+    threads: ThreadsOpt = None,
     n_predict: Annotated[
         int,
         typer.Option(
@@ -116,9 +134,9 @@ def chat(
         ),
     ] = DEFAULT_N_PREDICT,
     temp: Annotated[float, typer.Option("--temp", help="Temperature; 0 is greedy.", min=0.0)] = 0.8,
-    top_k: Annotated[int, typer.Option("--top-k", min=0)] = 40,
-    top_p: Annotated[float, typer.Option("--top-p", min=0.0, max=1.0)] = 0.95,
-    min_p: Annotated[float, typer.Option("--min-p", min=0.0, max=1.0)] = 0.05,
+    top_k: TopKOpt = 40,
+    top_p: TopPOpt = 0.95,
+    min_p: MinPOpt = 0.05,
     seed: Annotated[
         int, typer.Option("--seed", help="Sampling seed; -1 is random.", min=-1, max=MAX_SEED)
     ] = -1,
@@ -153,13 +171,7 @@ def chat(
         n_ctx=ctx_size,
         n_gpu_layers=n_gpu_layers,
         n_predict=n_predict,
-        sampling=SamplingParams(
-            temperature=temp,
-            top_k=top_k,
-            top_p=top_p,
-            min_p=min_p,
-            seed=RANDOM_SEED if seed < 0 else seed,
-        ),
+        sampling=sampling_params(temp, top_k, top_p, min_p, seed),
         stateless=stateless,
         rebuild=rebuild,
         **({"n_threads": threads} if threads else {}),
@@ -294,10 +306,10 @@ def run_slash_command(conversation: Conversation, command: str) -> None:
 def run_batch(
     file: Annotated[str, typer.Argument(help="JSONL input; - reads standard input.")],
     output: Annotated[
-        Path | None, typer.Option("-o", "--output", help="Results [default: FILE.out.jsonl]")
+        Path | None, typer.Option("-o", "--output", help="Results (default: FILE.out.jsonl)")
     ] = None,
     errors: Annotated[
-        Path | None, typer.Option("--errors", help="Failed lines [default: FILE.errors.jsonl]")
+        Path | None, typer.Option("--errors", help="Failed lines (default: FILE.errors.jsonl)")
     ] = None,
     parallel: Annotated[
         int, typer.Option("--parallel", "-np", help="Sequences decoded together.", min=1, max=64)
@@ -316,17 +328,8 @@ def run_batch(
         int,
         typer.Option("-c", "--ctx-size", help="Context tokens per sequence.", min=64, max=MAX_CTX),
     ] = DEFAULT_CTX,
-    n_gpu_layers: Annotated[
-        int | None,
-        typer.Option(
-            "-ngl",
-            "--n-gpu-layers",
-            help="Layers to offload [default: all when the build has GPU offload]",
-        ),
-    ] = None,
-    threads: Annotated[
-        int | None, typer.Option("-t", "--threads", help="CPU threads.", min=1)
-    ] = None,
+    n_gpu_layers: GpuLayersOpt = None,
+    threads: ThreadsOpt = None,
     n_predict: Annotated[
         int,
         typer.Option(
@@ -339,9 +342,9 @@ def run_batch(
         float,
         typer.Option("--temp", help="Temperature unless a line sets one; 0 is greedy.", min=0.0),
     ] = 0.8,
-    top_k: Annotated[int, typer.Option("--top-k", min=0)] = 40,
-    top_p: Annotated[float, typer.Option("--top-p", min=0.0, max=1.0)] = 0.95,
-    min_p: Annotated[float, typer.Option("--min-p", min=0.0, max=1.0)] = 0.05,
+    top_k: TopKOpt = 40,
+    top_p: TopPOpt = 0.95,
+    min_p: MinPOpt = 0.05,
     seed: Annotated[
         int,
         typer.Option(
@@ -353,6 +356,8 @@ def run_batch(
 
     Exit status: 0 when every line succeeded, 2 when some failed (see ERR), 1 on a fatal error.
     """
+    if n_predict == 0:
+        raise FlashmemError("-n must be -1 (no limit) or a positive number of tokens")
     source = None if file == "-" else Path(file)
     default_out, default_err = default_paths(source) if source else (None, None)
     plan = RunPlan(
@@ -365,13 +370,7 @@ def run_batch(
             n_ctx=ctx_size,
             parallel=parallel,
             n_predict=n_predict,
-            sampling=SamplingParams(
-                temperature=temp,
-                top_k=top_k,
-                top_p=top_p,
-                min_p=min_p,
-                seed=RANDOM_SEED if seed < 0 else seed,
-            ),
+            sampling=sampling_params(temp, top_k, top_p, min_p, seed),
             n_threads=threads or default_threads(),
         ),
         resume=resume,
@@ -556,7 +555,7 @@ def models_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> Non
 @models_app.command("info")
 def models_info(
     model: Annotated[
-        str | None, typer.Argument(help="Name or path [default: the default model]")
+        str | None, typer.Argument(help="Name or path (default: the default model)")
     ] = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
