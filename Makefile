@@ -42,6 +42,7 @@ lint: install
 bench: install
 	$(BIN)/python -m flashmem_cli.bench.resume
 	$(BIN)/python -m flashmem_cli.bench.batch
+	$(BIN)/python -m flashmem_cli.bench.monitor
 
 clean:
 	rm -rf $(VENV) build *.egg-info

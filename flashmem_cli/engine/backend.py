@@ -167,6 +167,7 @@ class ContextParams:
     n_threads: int = 2
     n_seq_max: int = 1
     flash_attn: bool = False
+    eval_callback: object | None = None  # a NodeTap's callback (engine/ggml.py)
 
 
 @dataclass(frozen=True)
@@ -197,6 +198,11 @@ class Context:
         )
         # Full-size sliding-window cache: needed to restore, trim and shift saved sequences.
         cparams.swa_full = True
+        if params.eval_callback is not None:
+            if params.flash_attn:
+                raise EngineError("reading attention needs flash attention off")
+            cparams.cb_eval = params.eval_callback
+            cparams.cb_eval_user_data = None
         # One pool of cells for all sequences, so a shared prefix is stored once (seq_cp tags).
         cparams.kv_unified = params.n_seq_max > 1
         self.model = model

@@ -1,0 +1,114 @@
+"""Reading graph nodes while llama.cpp computes them: a ctypes mirror of `ggml_tensor` and a tap
+on the context's eval callback.
+
+llama-cpp-python does not define `ggml_tensor`; the layout below is the one in
+vendor/llama.cpp/ggml/include/ggml.h of the pinned llama-cpp-python (0.3.36). With flash
+attention off, the attention probabilities of layer i are the node `kq_soft_max-i`, shape
+ne = [n_kv, n_tokens, n_head] (f32; masked cells are 0; n_kv is padded).
+"""
+
+from __future__ import annotations
+
+import ctypes
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import llama_cpp as lc
+import numpy as np
+from llama_cpp._ctypes_extensions import load_shared_library
+
+GGML_MAX_DIMS = 4
+GGML_MAX_SRC = 10
+GGML_MAX_OP_PARAMS = 64
+GGML_MAX_NAME = 64
+GGML_TYPE_F32 = 0
+
+
+class GgmlTensor(ctypes.Structure):
+    _fields_ = [
+        ("type", ctypes.c_int),
+        ("buffer", ctypes.c_void_p),
+        ("ne", ctypes.c_int64 * GGML_MAX_DIMS),
+        ("nb", ctypes.c_size_t * GGML_MAX_DIMS),
+        ("op", ctypes.c_int),
+        ("op_params", ctypes.c_int32 * (GGML_MAX_OP_PARAMS // 4)),
+        ("flags", ctypes.c_int32),
+        ("src", ctypes.c_void_p * GGML_MAX_SRC),
+        ("view_src", ctypes.c_void_p),
+        ("view_offs", ctypes.c_size_t),
+        ("data", ctypes.c_void_p),
+        ("name", ctypes.c_char * GGML_MAX_NAME),
+        ("extra", ctypes.c_void_p),
+        ("padding", ctypes.c_char * 8),
+    ]
+
+
+NAME_OFFSET = GgmlTensor.name.offset
+
+_ggml_base = load_shared_library("ggml-base", Path(lc.__file__).parent / "lib")
+_ggml_base.ggml_backend_tensor_get.argtypes = [
+    ctypes.c_void_p,
+    ctypes.c_void_p,
+    ctypes.c_size_t,
+    ctypes.c_size_t,
+]
+_ggml_base.ggml_backend_tensor_get.restype = None
+
+
+def attention_rows(ptr: int, token: int) -> np.ndarray:
+    """(n_head, n_kv) probabilities of batch token `token` from a `kq_soft_max` node."""
+    tensor = GgmlTensor.from_address(ptr)
+    if tensor.type != GGML_TYPE_F32:
+        raise ValueError(f"expected an f32 node, got ggml type {tensor.type}")
+    n_kv, n_tokens, n_head = tensor.ne[0], tensor.ne[1], tensor.ne[2]
+    if not 0 <= token < n_tokens:
+        raise IndexError(f"token {token} of a batch of {n_tokens}")
+    rows = np.empty((n_head, n_kv), dtype=np.float32)
+    for head in range(n_head):
+        offset = head * tensor.nb[2] + token * tensor.nb[1]
+        _ggml_base.ggml_backend_tensor_get(ptr, rows[head].ctypes.data, offset, n_kv * 4)
+    return rows
+
+
+def batch_size(ptr: int) -> int:
+    return int(GgmlTensor.from_address(ptr).ne[1])
+
+
+class NodeTap:
+    """Hands the graph nodes named `names` to `on_node(name, ptr)` once they are computed.
+
+    Pass `tap.callback` as the context's eval callback. llama.cpp asks about every node
+    (~800 per decoded token here), so the check is one fixed-width read and a set lookup.
+    """
+
+    def __init__(self, names: Iterable[str], on_node: Callable[[str, int], None]):
+        self.names = {name.encode() for name in names}
+        widths = {len(n) + 1 for n in self.names}
+        # Names of one length are matched with their NUL in a single read: the common case.
+        self._fixed = {n + b"\0" for n in self.names} if len(widths) == 1 else None
+        self._width = max(widths)
+        self._on_node = on_node
+        self.error: BaseException | None = None  # raised in a callback; see `check`
+        self.callback = lc.ggml_backend_sched_eval_callback(self._call)
+
+    def check(self) -> None:
+        """Re-raise, after the decode, what `on_node` raised inside llama.cpp's callback."""
+        error, self.error = self.error, None
+        if error is not None:
+            raise error
+
+    def _call(self, ptr: int, ask: bool, user_data: ctypes.c_void_p) -> bool:
+        raw = ctypes.string_at(ptr + NAME_OFFSET, self._width)
+        wanted = (
+            raw in self._fixed
+            if self._fixed is not None
+            else (raw.partition(b"\0")[0] in self.names)
+        )
+        if not wanted:
+            return not ask  # not wanted; after compute, keep going
+        if not ask:
+            try:
+                self._on_node(raw.partition(b"\0")[0].decode(), ptr)
+            except Exception as exc:  # an exception must not cross into C
+                self.error = exc
+        return True

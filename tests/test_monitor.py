@@ -1,0 +1,96 @@
+"""The Cognitive Monitor's entropy maths (pure) and the attention capture on the real model."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from flashmem_cli.engine.backend import Context, ContextParams, Model
+from flashmem_cli.engine.ggml import NodeTap, attention_rows, batch_size
+from flashmem_cli.engine.sequence import KVSequence
+from flashmem_cli.memory.monitor import TriggerPolicy, attention_entropy, entropy_threshold
+
+
+def test_uniform_attention_has_log_n_entropy_after_the_sinks():
+    probs = np.full((4, 20), 1 / 20)
+    assert attention_entropy(probs, n_sinks=4) == pytest.approx(math.log(16))
+
+
+def test_one_hot_attention_has_zero_entropy():
+    probs = np.zeros((2, 10))
+    probs[:, 7] = 1.0
+    assert attention_entropy(probs) == pytest.approx(0.0)
+
+
+def test_mass_on_the_sinks_is_ignored_and_heads_are_averaged():
+    focused = np.array([0.9, 0.0, 0.0, 0.0, 0.1, 0.0])  # after masking: one-hot on 4
+    spread = np.array([0.5, 0.0, 0.0, 0.0, 0.25, 0.25])  # after masking: uniform on 4, 5
+    probs = np.stack([focused, spread])
+    assert attention_entropy(probs, n_sinks=4) == pytest.approx(math.log(2) / 2)
+    only_sinks = np.array([[0.5, 0.5, 0.0, 0.0, 0.0]])
+    assert attention_entropy(only_sinks, n_sinks=2) == 0.0
+
+
+def test_threshold_is_a_percentile_and_checks_its_input():
+    assert entropy_threshold(np.arange(101.0), 85) == pytest.approx(85.0)
+    with pytest.raises(ValueError):
+        entropy_threshold(np.array([]))
+    with pytest.raises(ValueError):
+        entropy_threshold(np.arange(3.0), 101)
+
+
+def test_trigger_respects_tau_budget_and_gap():
+    policy = TriggerPolicy(tau=1.0, max_per_reply=2, min_gap=5)
+    fired = [step for step in range(30) if policy.should_fire(step, 2.0 if step != 1 else 0.5)]
+    assert fired == [0, 5]
+
+
+def test_last_layer_attention_is_captured_as_llama_cpp_computes_it(model_path):
+    captured: list[np.ndarray] = []
+
+    def on_node(name, ptr):
+        captured.append(np.stack([attention_rows(ptr, t) for t in range(batch_size(ptr))]))
+
+    tap = NodeTap(["kq_soft_max-17"], on_node)
+    with Model(model_path, n_gpu_layers=0) as model:
+        tokens = model.tokenize("<bos>The quick brown fox jumps over the lazy dog. It was")
+        params = ContextParams(n_ctx=256, n_threads=2, eval_callback=tap.callback)
+        with Context(model, params) as ctx:
+            seq = KVSequence(ctx)
+            seq.feed(tokens)
+            tap.check()
+            seq.feed([model.tokenize(" a")[0]])
+            tap.check()
+
+    prompt, step = captured  # one node per decode
+    n = len(tokens)
+    assert prompt.shape[0] == n and prompt.shape[1] == 4  # (tokens, heads, n_kv)
+    np.testing.assert_allclose(prompt.sum(axis=2), 1.0, atol=1e-5)
+    for i in range(n):
+        assert np.all(prompt[i, :, : i + 1] > 0)  # the last layer is global: all it may see
+        assert np.all(prompt[i, :, i + 1 :] == 0)  # no future, no padding
+    last = step[0]
+    np.testing.assert_allclose(last.sum(axis=1), 1.0, atol=1e-5)
+    assert np.count_nonzero(last[0]) == n + 1
+    assert 0.0 < attention_entropy(last) < math.log(n + 1 - 4)
+
+
+@pytest.mark.parametrize("names", [["kq_soft_max-17"], ["kq_soft_max-5", "kq_soft_max-17"]])
+def test_node_tap_matches_exact_names_only(names):
+    import ctypes
+
+    from flashmem_cli.engine.ggml import GgmlTensor
+
+    seen = []
+    tap = NodeTap(names, lambda name, ptr: seen.append(name))
+    for name in (b"kq_soft_max-17", b"kq_soft_max-1", b"kq_soft_max-170", b"kq_soft_max-5"):
+        tensor = GgmlTensor()
+        tensor.name = name
+        address = ctypes.addressof(tensor)
+        wanted = name.decode() in names
+        assert tap._call(address, True, None) is wanted
+        assert tap._call(address, False, None) is True
+    assert sorted(seen) == sorted(names)
+    tap.check()
