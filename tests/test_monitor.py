@@ -94,3 +94,37 @@ def test_node_tap_matches_exact_names_only(names):
         assert tap._call(address, False, None) is True
     assert sorted(seen) == sorted(names)
     tap.check()
+
+
+def test_gguf_rows_match_the_official_reader_on_a_few_rows(model_path):
+    from gguf.quants import dequantize
+
+    from flashmem_cli.memory.gguf_tensors import GGUFTensors
+
+    with GGUFTensors(model_path) as tensors:
+        info = tensors.tensors["token_embd.weight"]
+        assert info.shape == (640, 262144)
+        rows = tensors.rows("token_embd.weight", [0, 2, 105, 262143])
+        raw = np.memmap(
+            model_path, dtype=np.uint8, mode="r", offset=info.offset, shape=(262144, info.row_bytes)
+        )
+        expected = dequantize(np.asarray(raw[[0, 2, 105, 262143]]), info.type)
+        np.testing.assert_array_equal(rows, expected)
+        with pytest.raises(IndexError):
+            tensors.rows("token_embd.weight", [262144])
+
+
+def test_own_scaled_embedding_rows_reproduce_the_token_run(model_path):
+    from flashmem_cli.memory.gguf_tensors import GGUFTensors
+
+    with Model(model_path, n_gpu_layers=0) as model, GGUFTensors(model_path) as tensors:
+        tokens = model.tokenize("<bos>The capital of France is Paris, and the capital of Italy is")
+        with Context(model, ContextParams(n_ctx=256, n_threads=2)) as ctx:
+            KVSequence(ctx).feed(tokens)
+            by_tokens = ctx.logits()
+        rows = tensors.rows("token_embd.weight", tokens) * math.sqrt(model.n_embd)
+        with Context(model, ContextParams(n_ctx=256, n_threads=2)) as ctx:
+            ctx.decode_embeddings(rows, start_pos=0)
+            by_embeddings = ctx.logits()
+    assert by_embeddings.argmax() == by_tokens.argmax()
+    assert np.corrcoef(by_tokens, by_embeddings)[0, 1] > 0.999

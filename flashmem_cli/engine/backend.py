@@ -214,6 +214,7 @@ class Context:
         self.n_batch = lc.llama_n_batch(self._ptr)
         self._memory = lc.llama_get_memory(self._ptr)
         self._batch = lc.llama_batch_init(self.n_batch, 0, 1)
+        self._embd_batch: lc.llama_batch | None = None
 
     @property
     def ptr(self):  # noqa: ANN201 - a ctypes pointer
@@ -222,6 +223,8 @@ class Context:
     def close(self) -> None:
         if self._ptr:
             lc.llama_batch_free(self._batch)
+            if self._embd_batch is not None:
+                lc.llama_batch_free(self._embd_batch)
             lc.llama_free(self._ptr)
             self._ptr = None
 
@@ -242,6 +245,30 @@ class Context:
                 raise EngineError(
                     f"llama_decode failed (code {rc}) at position {start_pos + offset}"
                 )
+
+    def decode_embeddings(self, embeddings: np.ndarray, start_pos: int, seq_id: int = 0) -> None:
+        """Decode input embeddings (n, n_embd) instead of tokens, logits for the last row.
+
+        They enter the graph as they are: where an architecture scales its token embeddings
+        inside the graph (Gemma: by sqrt(n_embd)), the caller must scale these the same way."""
+        rows = np.ascontiguousarray(embeddings, dtype=np.float32)
+        if rows.ndim != 2 or rows.shape[1] != self.model.n_embd:
+            raise EngineError(f"embeddings must be (n, {self.model.n_embd}), got {rows.shape}")
+        if self._embd_batch is None:
+            self._embd_batch = lc.llama_batch_init(self.n_batch, self.model.n_embd, 1)
+        batch = self._embd_batch
+        for offset in range(0, len(rows), self.n_batch):
+            chunk = rows[offset : offset + self.n_batch]
+            ctypes.memmove(batch.embd, chunk.ctypes.data, chunk.nbytes)
+            for i in range(len(chunk)):
+                batch.pos[i] = start_pos + offset + i
+                batch.n_seq_id[i] = 1
+                batch.seq_id[i][0] = seq_id
+                batch.logits[i] = offset + i == len(rows) - 1
+            batch.n_tokens = len(chunk)
+            rc = lc.llama_decode(self._ptr, batch)
+            if rc != 0:
+                raise EngineError(f"llama_decode of embeddings failed (code {rc})")
 
     def decode_batch(self, entries: list[BatchEntry]) -> list[int]:
         """One llama_decode over several sequences (at most n_batch tokens in all). Returns,
