@@ -333,6 +333,15 @@ class Context:
     def clear(self) -> None:
         lc.llama_memory_clear(self._memory, True)
 
+    def sequence_state(self, seq_id: int = 0) -> bytes:
+        """The serialized KV cells of one sequence (llama_state_seq_get_data)."""
+        size = lc.llama_state_seq_get_size(self._ptr, seq_id)
+        buf = (ctypes.c_uint8 * size)()
+        written = lc.llama_state_seq_get_data(self._ptr, buf, size, seq_id)
+        if written == 0:
+            raise EngineError(f"llama.cpp could not serialize sequence {seq_id}")
+        return bytes(memoryview(buf)[:written])
+
     def save_sequence(self, path: Path, tokens: list[int], seq_id: int = 0) -> int:
         arr = (lc.llama_token * max(len(tokens), 1))(*tokens)
         written = lc.llama_state_seq_save_file(

@@ -70,6 +70,23 @@ def attention_rows(ptr: int, token: int) -> np.ndarray:
     return rows
 
 
+def read_f32(ptr: int) -> np.ndarray:
+    """A whole contiguous f32 node, shaped (ne[3], ne[2], ne[1], ne[0]) with unit dims dropped
+    from the front (numpy order: the last axis is ggml's ne[0])."""
+    tensor = GgmlTensor.from_address(ptr)
+    if tensor.type != GGML_TYPE_F32:
+        raise ValueError(f"expected an f32 node, got ggml type {tensor.type}")
+    ne = [int(n) for n in tensor.ne]
+    expected = [4, 4 * ne[0], 4 * ne[0] * ne[1], 4 * ne[0] * ne[1] * ne[2]]
+    if [int(n) for n in tensor.nb] != expected:
+        raise ValueError("node is not contiguous")
+    out = np.empty(ne[::-1], dtype=np.float32)
+    _ggml_base.ggml_backend_tensor_get(ptr, out.ctypes.data, 0, out.nbytes)
+    while out.ndim > 1 and out.shape[0] == 1:
+        out = out[0]
+    return out
+
+
 def batch_size(ptr: int) -> int:
     return int(GgmlTensor.from_address(ptr).ne[1])
 

@@ -128,3 +128,39 @@ def test_own_scaled_embedding_rows_reproduce_the_token_run(model_path):
             by_embeddings = ctx.logits()
     assert by_embeddings.argmax() == by_tokens.argmax()
     assert np.corrcoef(by_tokens, by_embeddings)[0, 1] > 0.999
+
+
+def test_frozen_kv_from_the_state_and_the_own_query_reproduce_llama_cpps_attention(model_path):
+    from flashmem_cli.engine.ggml import read_f32
+    from flashmem_cli.memory.kv_state import parse_sequence_state
+
+    captured: dict[str, list[np.ndarray]] = {}
+    tap = NodeTap(
+        ["Qcur-17", "kq_soft_max-17", "kqv_out-17"],
+        lambda name, ptr: captured.setdefault(name, []).append(read_f32(ptr)),
+    )
+    with Model(model_path, n_gpu_layers=0) as model:
+        tokens = model.tokenize("<bos>The quick brown fox jumps over the lazy dog. It was")
+        params = ContextParams(n_ctx=256, n_threads=2, eval_callback=tap.callback)
+        with Context(model, params) as ctx:
+            seq = KVSequence(ctx)
+            seq.feed(tokens)
+            captured.clear()
+            seq.feed([model.tokenize(" a")[0]])
+            tap.check()
+            full, windowed = parse_sequence_state(ctx.sequence_state(0), n_caches=2)
+
+    n = len(tokens) + 1
+    assert list(full.positions) == list(range(n)) and len(full.keys) == 3  # layers 5, 11, 17
+    assert len(windowed.keys) == 15
+    keys = full.keys[2].astype(np.float32)  # layer 17: (cells, head size 256)
+    values = full.values[2].astype(np.float32)
+    query = captured["Qcur-17"][-1]  # the roped query of the new token, (4 heads, 256)
+    scores = query / math.sqrt(256) @ keys.T  # Gemma 3: query_pre_attn_scalar = head size
+    probs = np.exp(scores - scores.max(axis=1, keepdims=True))
+    probs /= probs.sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(probs, captured["kq_soft_max-17"][0][:, 0, :n], atol=1e-3)
+    output = (probs @ values).reshape(-1)
+    expected = captured["kqv_out-17"][0]
+    assert np.abs(output - expected).max() < 1e-3 * np.abs(expected).max() * 10
+    assert np.corrcoef(output, expected)[0, 1] > 0.9999
