@@ -164,3 +164,21 @@ def test_frozen_kv_from_the_state_and_the_own_query_reproduce_llama_cpps_attenti
     expected = captured["kqv_out-17"][0]
     assert np.abs(output - expected).max() < 1e-3 * np.abs(expected).max() * 10
     assert np.corrcoef(output, expected)[0, 1] > 0.9999
+
+
+def test_final_hidden_state_times_tied_embeddings_gives_the_logits(model_path):
+    from flashmem_cli.memory.gguf_tensors import GGUFTensors
+
+    with Model(model_path, n_gpu_layers=0) as model, GGUFTensors(model_path) as tensors:
+        tokens = model.tokenize("<bos>The capital of France is")
+        with Context(model, ContextParams(n_ctx=256, n_threads=2, hidden_states=True)) as ctx:
+            KVSequence(ctx).feed(tokens)
+            hidden, logits = ctx.hidden_state(), ctx.logits()
+        with Context(model, ContextParams(n_ctx=256, n_threads=2)) as ctx:
+            KVSequence(ctx).feed(tokens)
+            np.testing.assert_array_equal(ctx.logits(), logits)  # same graph output
+        top = np.argsort(logits)[-50:]
+        recomputed = tensors.rows("token_embd.weight", top) @ hidden  # Gemma ties its output
+    assert hidden.shape == (model.n_embd,)
+    assert np.abs(recomputed - logits[top]).max() < 0.25  # the output matmul quantizes h to 8 bits
+    assert np.corrcoef(recomputed, logits[top])[0, 1] > 0.99

@@ -168,6 +168,7 @@ class ContextParams:
     n_seq_max: int = 1
     flash_attn: bool = False
     eval_callback: object | None = None  # a NodeTap's callback (engine/ggml.py)
+    hidden_states: bool = False  # keep the final (normed) hidden state of output tokens
 
 
 @dataclass(frozen=True)
@@ -198,6 +199,9 @@ class Context:
         )
         # Full-size sliding-window cache: needed to restore, trim and shift saved sequences.
         cparams.swa_full = True
+        if params.hidden_states:
+            cparams.embeddings = True
+            cparams.pooling_type = lc.LLAMA_POOLING_TYPE_NONE
         if params.eval_callback is not None:
             if params.flash_attn:
                 raise EngineError("reading attention needs flash attention off")
@@ -315,6 +319,16 @@ class Context:
         if not ptr:
             raise EngineError(f"no logits at output {index}")
         return np.ctypeslib.as_array(ptr, shape=(self.model.n_vocab,))
+
+    def hidden_state(self, index: int = -1) -> np.ndarray:
+        """A copy of the final hidden state (after the output norm) at output `index`; needs
+        ContextParams.hidden_states."""
+        if not self.params.hidden_states:
+            raise EngineError("this context keeps no hidden states (ContextParams.hidden_states)")
+        ptr = lc.llama_get_embeddings_ith(self._ptr, index)
+        if not ptr:
+            raise EngineError(f"no hidden state at output {index}")
+        return np.ctypeslib.as_array(ptr, shape=(self.model.n_embd,)).copy()
 
     # -- KV memory ------------------------------------------------------------------------------
 
