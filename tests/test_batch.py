@@ -276,3 +276,63 @@ def test_a_shared_system_prompt_is_decoded_once(home, model_path):
         loaded.model.close()
     assert sorted(results) == ["c0", "c1", "c2", "other"]
     assert all(r.completion_tokens > 0 and r.prompt_tokens > 10 for r in results.values())
+
+
+def test_cached_prefixes_and_full_slots_fit_the_context(home, model_path, tmp_path):
+    # Two long system prompts kept in the prefix cache while a long prompt fills the only slot.
+    lines = [
+        chat_line("s1", "hi", system="apple " * 225, tokens=2),
+        chat_line("s2", "hi", system="banana " * 225, tokens=2),
+        {"id": "long", "prompt": "cherry " * 220, "max_tokens": 2},
+        {"id": "short", "prompt": "hello", "max_tokens": 2},
+    ]
+    source = write_lines(tmp_path / "full.jsonl", lines)
+    proc = run_cli("run", str(source), *GREEDY, "--parallel", "1")
+    assert proc.returncode == 0, proc.stderr
+    ids = sorted(o["custom_id"] for o in read_jsonl(tmp_path / "full.out.jsonl"))
+    assert ids == ["long", "s1", "s2", "short"]
+
+
+def test_a_session_reply_cut_at_a_stop_string_is_what_the_session_records(
+    home, model_path, tmp_path
+):
+    line = {
+        "id": "st",
+        "session": "cut",
+        "prompt": "Say hello",
+        "max_tokens": 12,
+        "stop": ["hello"],
+    }
+    source = write_lines(tmp_path / "cut.jsonl", [line])
+    assert run_cli("run", str(source), *GREEDY).returncode == 0
+    (output,) = read_jsonl(tmp_path / "cut.out.jsonl")
+    reply = output["response"]["body"]["choices"][0]["text"]
+    assert "hello" not in reply
+    records = read_jsonl(home / "sessions" / "cut" / "transcript.jsonl")
+    assert records[-1]["content"] == reply and records[-1]["batch_id"] == "st"
+
+
+def test_resume_does_not_repeat_a_session_turn_it_already_took(home, model_path, tmp_path):
+    lines = [
+        {"id": f"t{i}", "session": "once", "prompt": f"Turn {i}.", "max_tokens": 4}
+        for i in range(2)
+    ]
+    source = write_lines(tmp_path / "once.jsonl", lines)
+    assert run_cli("run", str(source), *GREEDY).returncode == 0
+    out = tmp_path / "once.out.jsonl"
+    first, second = out.read_text().splitlines()
+    out.write_text(first + "\n")  # as if killed after the session saved t1, before OUT had it
+    assert run_cli("run", str(source), *GREEDY, "--resume").returncode == 0
+    recovered = json.loads(out.read_text().splitlines()[1])
+    assert recovered["custom_id"] == "t1"
+    assert recovered["response"]["body"]["flashmem"]["recovered_from_session"] is True
+    assert (
+        recovered["response"]["body"]["choices"][0]["text"]
+        == json.loads(second)["response"]["body"]["choices"][0]["text"]
+    )
+    users = [
+        r
+        for r in read_jsonl(home / "sessions" / "once" / "transcript.jsonl")
+        if r["role"] == "user"
+    ]
+    assert [r["batch_id"] for r in users] == ["t0", "t1"]

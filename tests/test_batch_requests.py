@@ -77,6 +77,19 @@ def test_simple_lines_and_derived_ids():
         (b'{"prompt": "x", "n": 2}', "invalid_request"),
         (b'{"prompt": "x", "session": "a b"}', "invalid_session"),
         (b'{"prompt": "caf\xe9"}', "invalid_encoding"),
+        (b'{"prompt": "\\ud800"}', "invalid_encoding"),
+        (b'{"prompt": "x", "max_tokens": NaN}', "invalid_json"),
+        (b'{"prompt": "x", "temperature": Infinity}', "invalid_json"),
+        (b'{"prompt": "x", "max_tokens": 1e999}', "invalid_request"),
+        (b'{"prompt": "x", "seed": 99999999999999999999}', "invalid_request"),
+        (b"[" * 100000 + b"]" * 100000, "invalid_json"),
+        (b"null", "invalid_request"),
+        (b'{"messages": [{"role": "system", "content": "only me"}]}', "invalid_request"),
+        (
+            b'{"session": "s", "messages": [{"role": "user", "content": "a"}, '
+            b'{"role": "assistant", "content": "b"}]}',
+            "invalid_request",
+        ),
     ],
 )
 def test_bad_lines_become_errors_with_codes(line, code):
@@ -90,6 +103,20 @@ def test_a_repeated_id_is_an_error_on_its_later_lines():
     assert isinstance(items[1], LineError) and items[1].code == "duplicate_id"
 
 
+def test_an_id_that_failed_earlier_is_not_reused():
+    items = parse_lines(
+        b'{"custom_id": "a", "url": "/v1/embeddings", "body": {}}\n{"id": "a", "prompt": "hi"}\n'
+        b'{"prompt": "no id"}\n{"id": "line-3", "prompt": "taken"}\n'
+    )
+    assert [(type(i).__name__, i.id) for i in items] == [
+        ("LineError", "a"),
+        ("LineError", "a"),
+        ("BatchRequest", "line-3"),
+        ("LineError", "line-3"),
+    ]
+    assert items[1].code == "duplicate_id" and items[3].code == "duplicate_id"
+
+
 def test_shards_partition_ids():
     ids = [f"id-{i}" for i in range(200)]
     shards = [shard_of(i, 4) for i in ids]
@@ -100,7 +127,7 @@ def test_shards_partition_ids():
 def test_resume_cuts_a_torn_last_line_and_collects_what_is_done(tmp_path):
     out, err = tmp_path / "o.jsonl", tmp_path / "e.jsonl"
     out.write_text('{"custom_id": "a"}\n{"custom_id": "b"}\n{"custom_id": "c", "resp')
-    err.write_text('{"custom_id": "line-4", "flashmem": {"line": 4}}\n')
+    err.write_text('{"custom_id": "line-4", "flashmem": {"line": 4}}\n[1, 2]\n"text"\n')
     done = scan_done(out, err)
     assert done.ids == {"a", "b"} and done.error_lines == {4}
     assert out.read_text().endswith('"b"}\n')

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +18,7 @@ Message = dict[str, str]
 CHAT_URL = "/v1/chat/completions"
 COMPLETIONS_URL = "/v1/completions"
 ROLES = ("system", "user", "assistant")
+MAX_NUMBER = 2**31 - 1
 
 
 @dataclass(frozen=True)
@@ -58,10 +60,9 @@ def parse_lines(data: bytes) -> list[BatchRequest | LineError]:
         if not raw.strip():
             continue
         item = parse_line(number, raw)
-        if isinstance(item, BatchRequest) and item.id in seen:
+        if item.id in seen and not (isinstance(item, LineError) and item.code == "duplicate_id"):
             item = LineError(number, item.id, "duplicate_id", f"id {item.id!r} appears earlier")
-        if isinstance(item, BatchRequest):
-            seen.add(item.id)
+        seen.add(item.id)
         parsed.append(item)
     return parsed
 
@@ -75,9 +76,15 @@ def parse_line(number: int, raw: bytes) -> BatchRequest | LineError:
             number, fallback_id, "invalid_encoding", f"line is not UTF-8 ({exc.reason})"
         )
     try:
-        obj = json.loads(text)
+        obj = json.loads(text, parse_constant=_reject_constant)
     except json.JSONDecodeError as exc:
         return LineError(number, fallback_id, "invalid_json", f"malformed JSON: {exc.msg}")
+    except (RecursionError, ValueError) as exc:
+        return LineError(number, fallback_id, "invalid_json", f"malformed JSON: {exc}")
+    if not _encodable(obj):
+        return LineError(
+            number, fallback_id, "invalid_encoding", "line has an unpaired surrogate escape"
+        )
     if not isinstance(obj, dict):
         return LineError(number, fallback_id, "invalid_request", "line is not a JSON object")
     request_id = _id_of(obj, fallback_id)
@@ -87,6 +94,18 @@ def parse_line(number: int, raw: bytes) -> BatchRequest | LineError:
         return _simple_request(number, request_id, obj)
     except _Invalid as exc:
         return LineError(number, request_id, exc.code, exc.message)
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _encodable(obj: Any) -> bool:
+    try:
+        json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    except (UnicodeEncodeError, RecursionError):
+        return False
+    return True
 
 
 def shard_of(request_id: str, n_shards: int) -> int:
@@ -155,6 +174,10 @@ def _messages(body: dict[str, Any]) -> list[Message]:
         if not isinstance(message, dict) or message.get("role") not in ROLES:
             raise _Invalid("invalid_request", f"messages[{i}] needs a role of {', '.join(ROLES)}")
         parsed.append({"role": message["role"], "content": _content(message.get("content"), i)})
+    if all(m["role"] == "system" for m in parsed):
+        raise _Invalid("invalid_request", "messages need a user (or assistant) message")
+    if body.get("session") is not None and parsed[-1]["role"] != "user":
+        raise _Invalid("invalid_request", "a session line's last message must be the user's")
     return parsed
 
 
@@ -185,6 +208,8 @@ def _number(body: dict[str, Any], key: str, kind: type) -> Any:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise _Invalid("invalid_request", f"{key} must be a number")
+    if not math.isfinite(value) or abs(value) > MAX_NUMBER:
+        raise _Invalid("invalid_request", f"{key} is out of range")
     if kind is int and value != int(value):
         raise _Invalid("invalid_request", f"{key} must be an integer")
     if value < 0:

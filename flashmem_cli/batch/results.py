@@ -119,9 +119,12 @@ class DoneSet:
 
 def scan_done(out_path: Path, err_path: Path) -> DoneSet:
     """Read earlier results, first cutting a torn last line (a kill mid-write) from each file."""
-    ids = {record["custom_id"] for record in read_repaired(out_path)}
-    lines = {record.get("flashmem", {}).get("line") for record in read_repaired(err_path)}
-    return DoneSet(frozenset(ids), frozenset(n for n in lines if isinstance(n, int)))
+    ids = {record.get("custom_id") for record in read_repaired(out_path)}
+    lines = {(record.get("flashmem") or {}).get("line") for record in read_repaired(err_path)}
+    return DoneSet(
+        frozenset(i for i in ids if isinstance(i, str)),
+        frozenset(n for n in lines if isinstance(n, int)),
+    )
 
 
 def read_repaired(path: Path) -> list[dict[str, Any]]:
@@ -135,7 +138,9 @@ def read_repaired(path: Path) -> list[dict[str, Any]]:
     records = []
     for raw in whole.splitlines():
         try:
-            records.append(json.loads(raw))
+            record = json.loads(raw)
         except json.JSONDecodeError:
             continue
+        if isinstance(record, dict):
+            records.append(record)
     return records

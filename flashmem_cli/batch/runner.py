@@ -147,9 +147,9 @@ def prepare_outputs(plan: RunPlan) -> DoneSet:
     """With --resume, what earlier runs finished; without, refuse to mix with old results."""
     files = [p for p in (plan.out, plan.errors) if p is not None]
     if plan.resume:
-        if plan.out is None:
-            raise FlashmemError("--resume needs an output file (-o)")
-        return scan_done(plan.out, plan.errors or Path("/nonexistent"))
+        if plan.out is None or plan.errors is None:
+            raise FlashmemError("--resume needs files to resume from: -o and --errors")
+        return scan_done(plan.out, plan.errors)
     for path in files:
         if path.exists() and path.stat().st_size > 0:
             raise FlashmemError(

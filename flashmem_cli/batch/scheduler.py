@@ -29,7 +29,7 @@ from flashmem_cli.engine.sequence import KVSequence
 from flashmem_cli.engine.templates import pinned_prefix
 from flashmem_cli.errors import (
     ContextOverflow,
-    FlashmemError,
+    EngineError,
     InvalidSessionName,
     SessionInUse,
     StateMismatch,
@@ -68,6 +68,8 @@ class Job:
     first_token_ms: float | None = None
     conversation: Conversation | None = None
     turn: PendingTurn | None = None
+    replayed: Completion | None = None  # a session turn an earlier, killed run finished
+    cut_at_stop: bool = False
     decoder: codecs.IncrementalDecoder = field(
         default_factory=lambda: codecs.getincrementaldecoder("utf-8")("replace")
     )
@@ -107,7 +109,7 @@ class BatchScheduler:
         self.store = store
         n_seq = settings.parallel + PREFIX_SLOTS
         params = ContextParams(
-            n_ctx=settings.n_ctx * (settings.parallel + 1),
+            n_ctx=settings.n_ctx * n_seq,  # every slot and every cached prefix at full length
             n_batch=settings.n_batch,
             n_threads=settings.n_threads,
             n_seq_max=n_seq,
@@ -128,9 +130,31 @@ class BatchScheduler:
         active: dict[int, Job] = {}
         while pending or active:
             self._admit(pending, active, on_result)
-            if active:
+            if not active:
+                continue
+            try:
                 self._step(active)
-                self._retire(active, on_result)
+            except EngineError as exc:  # not expected: the context is sized for every slot
+                self._fail_all(active, exc, on_result)
+                continue
+            self._retire(active, on_result)
+
+    def _fail_all(self, active: dict[int, Job], exc: EngineError, on_result: ResultHandler) -> None:
+        """A failed decode leaves the cache uncertain: report the requests in flight as failed,
+        empty every sequence, and go on with the rest."""
+        for job in active.values():
+            job.sampler.close()
+            if job.conversation:
+                job.conversation.close()
+            request = job.request
+            on_result(request, LineError(request.line, request.id, "request_failed", str(exc)))
+        active.clear()
+        self.ctx.clear()
+        for slot in self.slots:
+            slot.tokens = []
+        self.prefixes = PrefixCache(list(self.prefixes.entries.values()) + self.prefixes.free)
+        for seq in self.prefixes.free:
+            seq.tokens = []
 
     # -- admission ------------------------------------------------------------------------------
 
@@ -145,7 +169,7 @@ class BatchScheduler:
             slot = self.slots[free[0]]
             try:
                 job = self._start(request, slot)
-            except FlashmemError as exc:
+            except Exception as exc:  # one request's failure never stops the run
                 slot.clear()
                 on_result(request, LineError(request.line, request.id, error_code(exc), str(exc)))
                 continue
@@ -227,6 +251,12 @@ class BatchScheduler:
         options = ChatOptions(n_ctx=self.settings.n_ctx, n_predict=self._max_tokens(request))
         slot.clear()
         session = self.store.open(request.session or "")
+        earlier = answered_turn(session.records(), request.id)
+        if earlier is not None:  # the session has this turn: a killed run did not report it
+            session.close()
+            job = Job(request, slot, sampler, [], 0, 0, finish=earlier.finish_reason)
+            job.replayed = earlier
+            return job
         try:
             conversation = Conversation(session, self.loaded, options, seq=slot)
         except BaseException:
@@ -235,7 +265,7 @@ class BatchScheduler:
         try:
             if system is not None:
                 conversation.set_system_prompt(system)
-            turn = conversation.begin_turn(text)
+            turn = conversation.begin_turn(text, tags={"batch_id": request.id})
         except BaseException:
             conversation.close()
             raise
@@ -288,6 +318,7 @@ class BatchScheduler:
         if cut is not None:
             job.text = job.text[:cut]
             job.finish = "stop"
+            job.cut_at_stop = True
         elif len(job.generated) >= job.max_tokens or job.slot.free <= 1:
             job.finish = "length"
 
@@ -300,8 +331,13 @@ class BatchScheduler:
     def _finish(self, job: Job, on_result: ResultHandler) -> None:
         result: Completion | LineError
         try:
-            result = self._session_result(job) if job.conversation else self._plain_result(job)
-        except FlashmemError as exc:
+            if job.replayed is not None:
+                result = job.replayed
+            elif job.conversation:
+                result = self._session_result(job)
+            else:
+                result = self._plain_result(job)
+        except Exception as exc:
             result = LineError(job.request.line, job.request.id, error_code(exc), str(exc))
         finally:
             job.sampler.close()
@@ -327,8 +363,9 @@ class BatchScheduler:
         slot, turn = job.slot, job.turn
         if job.pending is not None and len(slot) < turn.reply_start + len(job.generated):
             slot.feed([job.pending])
-        keep = tokens_covering(self.model.token_bytes, job.generated, job.text)
-        slot.drop(turn.reply_start + keep, len(slot))
+        if job.cut_at_stop:
+            keep = tokens_before(self.model.token_bytes, job.generated, job.text)
+            slot.drop(turn.reply_start + keep, len(slot))
         result = job.conversation.finish_turn(turn, job.finish or "stop", job.first_token_ms or 0.0)
         return Completion(
             text=result.reply,
@@ -346,12 +383,11 @@ class BatchScheduler:
 
 
 def session_message(request: BatchRequest) -> tuple[str, str | None]:
-    """The user's message of a session line, and a system prompt for a new session."""
+    """The user's message of a session line (the parser checked it is last), and a system
+    prompt for a new session."""
     if request.kind == "completion":
         return request.prompt, None
     last = request.messages[-1]
-    if last["role"] != "user":
-        raise InvalidSessionName("a session line's last message must be the user's")
     system = next((m["content"] for m in request.messages if m["role"] == "system"), None)
     return last["content"], system
 
@@ -361,18 +397,33 @@ def stop_index(text: str, stops: tuple[str, ...]) -> int | None:
     return min(found) if found else None
 
 
-def tokens_covering(token_bytes: Callable[[int], bytes], tokens: list[int], text: str) -> int:
-    """How many of `tokens` it takes to spell at least `text` (all when the text is whole)."""
+def tokens_before(token_bytes: Callable[[int], bytes], tokens: list[int], text: str) -> int:
+    """How many of `tokens` lie wholly within `text` (a reply cut at a stop string)."""
     target = len(text.encode("utf-8"))
     size = 0
-    for count, token in enumerate(tokens, 1):
+    for count, token in enumerate(tokens):
         size += len(token_bytes(token))
-        if size >= target:
+        if size > target:
             return count
     return len(tokens)
 
 
-def error_code(exc: FlashmemError) -> str:
+def answered_turn(records: list[dict], request_id: str) -> Completion | None:
+    """The reply a session already holds for batch request `request_id`, if any."""
+    for record in records:
+        if record.get("batch_id") == request_id and record.get("role") == "assistant":
+            usage = record.get("usage") or {}
+            return Completion(
+                text=record["content"],
+                finish_reason=record.get("finish_reason", "stop"),
+                prompt_tokens=int(usage.get("prompt_tokens", 0)),
+                completion_tokens=int(usage.get("completion_tokens", 0)),
+                extra={"recovered_from_session": True},
+            )
+    return None
+
+
+def error_code(exc: Exception) -> str:
     if isinstance(exc, ContextOverflow):
         return "context_length_exceeded"
     if isinstance(exc, InvalidSessionName):

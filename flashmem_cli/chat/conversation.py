@@ -215,9 +215,10 @@ class Conversation:
         finish, first_token_ms = self._generate(turn.start, on_text)
         return self.finish_turn(turn, finish, first_token_ms)
 
-    def begin_turn(self, text: str) -> PendingTurn:
+    def begin_turn(self, text: str, tags: dict[str, Any] | None = None) -> PendingTurn:
         """Record the user's message and feed it (with anything the cache missed); the logits
-        of the generation prompt are then current, ready for the first reply token."""
+        of the generation prompt are then current, ready for the first reply token. `tags`
+        go into both transcript records of the turn (a batch run's request id)."""
         start = time.perf_counter()
         if self.options.stateless:
             self.seq.clear()
@@ -229,7 +230,7 @@ class Conversation:
         chunks = self._chunks(
             history[: self.layout.messages], history[self.layout.messages :], user
         )
-        self.session.append(user)
+        self.session.append({**user, **(tags or {})})
         dropped_before = self.layout.dropped
         new_prompt = self._feed(chunks)
         return PendingTurn(
@@ -241,6 +242,7 @@ class Conversation:
             dropped_before=dropped_before,
             reply_start=len(self.seq),
             prefill_ms=_ms(start),
+            tags=tags or {},
         )
 
     def finish_turn(self, turn: PendingTurn, finish: str, first_token_ms: float) -> TurnResult:
@@ -250,7 +252,9 @@ class Conversation:
             "role": "assistant",
             "content": self.model.detokenize(reply_tokens),
         }
-        self.session.append(reply_message)
+        usage = {"prompt_tokens": turn.reply_start, "completion_tokens": len(reply_tokens)}
+        record = {**reply_message, **turn.tags, "finish_reason": finish}
+        self.session.append({**record, "usage": usage} if turn.tags else record)
         self._close_reply(turn.messages + [reply_message], len(reply_tokens))
         if not self.options.stateless:
             self._save()
@@ -443,6 +447,7 @@ class PendingTurn:
     dropped_before: int
     reply_start: int
     prefill_ms: float
+    tags: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
