@@ -182,3 +182,48 @@ def test_final_hidden_state_times_tied_embeddings_gives_the_logits(model_path):
     assert hidden.shape == (model.n_embd,)
     assert np.abs(recomputed - logits[top]).max() < 0.25  # the output matmul quantizes h to 8 bits
     assert np.corrcoef(recomputed, logits[top])[0, 1] > 0.99
+
+
+def test_the_last_layer_in_numpy_over_the_frozen_kv_reproduces_llama_cpp(model_path):
+    """The consolidator's layer: a numpy copy of layer 17 given llama.cpp's own input
+    (l_out-16) and the cached K/V reproduces llama.cpp's layer output (l_out-17)."""
+    from flashmem_cli.engine.ggml import read_f32
+    from flashmem_cli.memory.gguf_tensors import GGUFTensors
+    from flashmem_cli.memory.kv_state import parse_sequence_state
+    from flashmem_cli.memory.layer import DecoderLayer, LayerSpec
+
+    captured: dict[str, list[np.ndarray]] = {}
+    tap = NodeTap(
+        ["l_out-16", "l_out-17", "Qcur-17"],
+        lambda name, ptr: captured.setdefault(name, []).append(read_f32(ptr)),
+    )
+    with Model(model_path, n_gpu_layers=0) as model, GGUFTensors(model_path) as tensors:
+        info = model.info()
+        spec = LayerSpec(
+            info.n_head,
+            info.head_dim,
+            info.rms_eps,
+            info.rope_base,
+            attention_scale=1 / math.sqrt(info.head_dim),
+        )
+        layer = DecoderLayer.from_gguf(tensors, info.n_layer - 1, spec)
+        tokens = model.tokenize("<bos>The quick brown fox jumps over the lazy dog. It was")
+        params = ContextParams(n_ctx=256, n_threads=2, eval_callback=tap.callback)
+        with Context(model, params) as ctx:
+            seq = KVSequence(ctx)
+            seq.feed(tokens)
+            captured.clear()
+            seq.feed([model.tokenize(" a")[0]])
+            tap.check()
+            full, _ = parse_sequence_state(ctx.sequence_state(0), n_caches=2)
+
+    position = len(tokens)
+    x = captured["l_out-16"][0]
+    query = layer.query(x, position)
+    assert np.corrcoef(query.ravel(), captured["Qcur-17"][-1].ravel())[0, 1] > 0.9999
+    out = layer.forward(
+        x, position, full.keys[2].astype(np.float32), full.values[2].astype(np.float32)
+    )
+    expected = captured["l_out-17"][0]
+    assert np.corrcoef(out, expected)[0, 1] > 0.9999
+    assert np.abs(out - expected).max() < 0.01 * np.abs(expected).max()

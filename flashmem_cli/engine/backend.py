@@ -52,6 +52,9 @@ class ModelInfo:
     n_params: int
     n_swa: int
     chat_template: str | None
+    head_dim: int
+    rms_eps: float
+    rope_base: float
 
 
 class Model:
@@ -138,6 +141,12 @@ class Model:
             return None
         return buf.value.decode("utf-8", "replace")
 
+    def _meta_number(self, key: str, default: float) -> float:
+        """An architecture-scoped number (`<arch>.<key>`) from the GGUF metadata."""
+        arch = self.meta("general.architecture") or ""
+        value = self.meta(f"{arch}.{key}")
+        return float(value) if value is not None else float(default)
+
     def chat_template(self) -> str | None:
         raw = lc.llama_model_chat_template(self._ptr, None)
         return raw.decode("utf-8", "replace") if raw else None
@@ -157,6 +166,13 @@ class Model:
             n_params=lc.llama_model_n_params(self._ptr),
             n_swa=lc.llama_model_n_swa(self._ptr),
             chat_template=self.chat_template(),
+            head_dim=int(
+                self._meta_number(
+                    "attention.key_length", self.n_embd // max(1, lc.llama_model_n_head(self._ptr))
+                )
+            ),
+            rms_eps=self._meta_number("attention.layer_norm_rms_epsilon", 1e-6),
+            rope_base=self._meta_number("rope.freq_base", 10000.0),
         )
 
 
