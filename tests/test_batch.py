@@ -97,9 +97,9 @@ def test_mixed_file_every_line_gets_exactly_one_result(home, model_path, tmp_pat
         parsed = model_type.model_validate(body)
         assert parsed.model == "gemma-3-270m-q4_k_m"
         assert parsed.usage.completion_tokens > 0
-    assert {o["custom_id"]: o["response"]["body"]["flashmem"]["requested_model"] for o in outputs}[
-        "c1"
-    ] == "gpt-4o-mini"
+    extras = {o["custom_id"]: o["response"]["body"]["flashmem"] for o in outputs}
+    assert extras["c1"]["requested_model"] == "gpt-4o-mini"
+    assert all(extra["memory_events"] == [] for extra in extras.values())  # until memory lands
     assert sorted(e["error"]["code"] for e in errors) == sorted(code for _, code in bad)
     assert all(e["response"] is None and e["error"]["message"] for e in errors)
 

@@ -130,27 +130,35 @@ def test_own_scaled_embedding_rows_reproduce_the_token_run(model_path):
     assert np.corrcoef(by_tokens, by_embeddings)[0, 1] > 0.999
 
 
-def test_frozen_kv_from_the_state_and_the_own_query_reproduce_llama_cpps_attention(model_path):
+PROMPT = "<bos>The quick brown fox jumps over the lazy dog. It was"
+
+
+def decode_one_token_capturing(model, names):
+    """Decode PROMPT, then one more token with `names` tapped; returns (nodes captured during
+    that token's decode, the sequence's parsed KV state after it, the prompt's length)."""
     from flashmem_cli.engine.ggml import read_f32
     from flashmem_cli.memory.kv_state import parse_sequence_state
 
     captured: dict[str, list[np.ndarray]] = {}
-    tap = NodeTap(
-        ["Qcur-17", "kq_soft_max-17", "kqv_out-17"],
-        lambda name, ptr: captured.setdefault(name, []).append(read_f32(ptr)),
-    )
-    with Model(model_path, n_gpu_layers=0) as model:
-        tokens = model.tokenize("<bos>The quick brown fox jumps over the lazy dog. It was")
-        params = ContextParams(n_ctx=256, n_threads=2, eval_callback=tap.callback)
-        with Context(model, params) as ctx:
-            seq = KVSequence(ctx)
-            seq.feed(tokens)
-            captured.clear()
-            seq.feed([model.tokenize(" a")[0]])
-            tap.check()
-            full, windowed = parse_sequence_state(ctx.sequence_state(0), n_caches=2)
+    tap = NodeTap(names, lambda name, ptr: captured.setdefault(name, []).append(read_f32(ptr)))
+    tokens = model.tokenize(PROMPT)
+    params = ContextParams(n_ctx=256, n_threads=2, eval_callback=tap.callback)
+    with Context(model, params) as ctx:
+        seq = KVSequence(ctx)
+        seq.feed(tokens)
+        captured.clear()
+        seq.feed([model.tokenize(" a")[0]])
+        tap.check()
+        state = parse_sequence_state(ctx.sequence_state(0), n_caches=2)
+    return captured, state, len(tokens)
 
-    n = len(tokens) + 1
+
+def test_frozen_kv_from_the_state_and_the_own_query_reproduce_llama_cpps_attention(model_path):
+    with Model(model_path, n_gpu_layers=0) as model:
+        names = ["Qcur-17", "kq_soft_max-17", "kqv_out-17"]
+        captured, (full, windowed), n_prompt = decode_one_token_capturing(model, names)
+
+    n = n_prompt + 1
     assert list(full.positions) == list(range(n)) and len(full.keys) == 3  # layers 5, 11, 17
     assert len(windowed.keys) == 15
     keys = full.keys[2].astype(np.float32)  # layer 17: (cells, head size 256)
@@ -187,16 +195,9 @@ def test_final_hidden_state_times_tied_embeddings_gives_the_logits(model_path):
 def test_the_last_layer_in_numpy_over_the_frozen_kv_reproduces_llama_cpp(model_path):
     """The consolidator's layer: a numpy copy of layer 17 given llama.cpp's own input
     (l_out-16) and the cached K/V reproduces llama.cpp's layer output (l_out-17)."""
-    from flashmem_cli.engine.ggml import read_f32
     from flashmem_cli.memory.gguf_tensors import GGUFTensors
-    from flashmem_cli.memory.kv_state import parse_sequence_state
     from flashmem_cli.memory.layer import DecoderLayer, LayerSpec
 
-    captured: dict[str, list[np.ndarray]] = {}
-    tap = NodeTap(
-        ["l_out-16", "l_out-17", "Qcur-17"],
-        lambda name, ptr: captured.setdefault(name, []).append(read_f32(ptr)),
-    )
     with Model(model_path, n_gpu_layers=0) as model, GGUFTensors(model_path) as tensors:
         info = model.info()
         spec = LayerSpec(
@@ -207,17 +208,9 @@ def test_the_last_layer_in_numpy_over_the_frozen_kv_reproduces_llama_cpp(model_p
             attention_scale=1 / math.sqrt(info.head_dim),
         )
         layer = DecoderLayer.from_gguf(tensors, info.n_layer - 1, spec)
-        tokens = model.tokenize("<bos>The quick brown fox jumps over the lazy dog. It was")
-        params = ContextParams(n_ctx=256, n_threads=2, eval_callback=tap.callback)
-        with Context(model, params) as ctx:
-            seq = KVSequence(ctx)
-            seq.feed(tokens)
-            captured.clear()
-            seq.feed([model.tokenize(" a")[0]])
-            tap.check()
-            full, _ = parse_sequence_state(ctx.sequence_state(0), n_caches=2)
+        names = ["l_out-16", "l_out-17", "Qcur-17"]
+        captured, (full, _), position = decode_one_token_capturing(model, names)
 
-    position = len(tokens)
     x = captured["l_out-16"][0]
     query = layer.query(x, position)
     assert np.corrcoef(query.ravel(), captured["Qcur-17"][-1].ravel())[0, 1] > 0.9999

@@ -58,6 +58,7 @@ def response_body(request: BatchRequest, result: Completion, model: str) -> dict
         "line": request.line,
         "requested_model": request.requested_model,
         "timings_ms": result.timings_ms,
+        "memory_events": [],
         **result.extra,
     }
     created = int(time.time())

@@ -377,7 +377,6 @@ class BatchScheduler:
                 "session": job.request.session,
                 "cached_tokens": result.cached_tokens,
                 "dropped_turns": result.dropped_turns,
-                "memory_events": [],
             },
         )
 
