@@ -220,7 +220,11 @@ def test_ctrl_c_keeps_the_partial_reply_and_the_session_goes_on(home, model_path
         "Write a very long story about a lighthouse keeper.",
     ]
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(3)
+    started = home / "sessions" / "int" / "transcript.jsonl"
+    deadline = time.time() + 60  # the user's message is recorded just before its prefill
+    while not (started.exists() and started.read_text()) and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(1.5)  # well into the reply
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
