@@ -43,6 +43,9 @@ bench: install
 	$(BIN)/python -m flashmem_cli.bench.resume
 	$(BIN)/python -m flashmem_cli.bench.batch
 	$(BIN)/python -m flashmem_cli.bench.monitor
+	$(BIN)/python -m flashmem_cli.bench.consolidation
+	$(BIN)/python -m flashmem_cli.bench.insertion --tau 2.5
+	$(BIN)/flashmem eval recall flashmem_cli/bench/data/recall.jsonl -c 512
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -17,6 +18,7 @@ from flashmem_cli import models
 from flashmem_cli.batch import runner as batch_runner
 from flashmem_cli.batch.runner import RunPlan, default_paths
 from flashmem_cli.batch.scheduler import BatchSettings
+from flashmem_cli.bench.recall import POLICIES
 from flashmem_cli.chat.conversation import (
     ChatOptions,
     Conversation,
@@ -24,6 +26,7 @@ from flashmem_cli.chat.conversation import (
     open_conversation,
 )
 from flashmem_cli.chat.layout import conversation_messages
+from flashmem_cli.chat.memory import MemoryOptions, resolve_tau, weights_status
 from flashmem_cli.config import (
     DEFAULT_CTX,
     DEFAULT_N_PREDICT,
@@ -50,8 +53,10 @@ sessions_app = typer.Typer(
     help="List, show, export and remove chat sessions.", no_args_is_help=True
 )
 models_app = typer.Typer(help="The GGUF models flashmem can use.", no_args_is_help=True)
+eval_app = typer.Typer(help="Evaluations of flashmem's memory.", no_args_is_help=True)
 app.add_typer(sessions_app, name="sessions")
 app.add_typer(models_app, name="models")
+app.add_typer(eval_app, name="eval")
 
 MAX_CTX = 1 << 20
 MAX_SEED = (1 << 32) - 2  # 2**32 - 1 is llama.cpp's "random"
@@ -83,6 +88,30 @@ ThreadsOpt = Annotated[int | None, typer.Option("-t", "--threads", help="CPU thr
 TopKOpt = Annotated[int, typer.Option("--top-k", min=0)]
 TopPOpt = Annotated[float, typer.Option("--top-p", min=0.0, max=1.0)]
 MinPOpt = Annotated[float, typer.Option("--min-p", min=0.0, max=1.0)]
+
+
+LatentsOpt = Annotated[
+    int,
+    typer.Option("--latents", help="Latent memory tokens per consolidation (K).", min=0, max=64),
+]
+BudgetOpt = Annotated[
+    float,
+    typer.Option(
+        "--budget",
+        help="Consolidate when the KV cache would pass this: a fraction of -c (<= 1) or tokens.",
+        min=0.05,
+    ),
+]
+KeepRatioOpt = Annotated[
+    float,
+    typer.Option(
+        "--keep-ratio",
+        help="Share of a consolidated span left in the cache: its most-attended positions "
+        "plus the latents.",
+        min=0.0,
+        max=1.0,
+    ),
+]
 
 
 def sampling_params(
@@ -153,10 +182,43 @@ def chat(
     rebuild: Annotated[
         bool, typer.Option("--rebuild", help="Re-process the transcript into a fresh KV state.")
     ] = False,
+    memory: Annotated[
+        bool,
+        typer.Option(
+            "--memory/--no-memory",
+            help="FlashMem memory: the attention monitor, and consolidation instead of dropping "
+            "turns when the context fills.",
+        ),
+    ] = True,
+    latents: LatentsOpt = 8,
+    tau: Annotated[
+        float | None,
+        typer.Option("--tau", help="Monitor threshold (default: the model's calibration)."),
+    ] = None,
+    tau_percentile: Annotated[
+        float | None,
+        typer.Option(
+            "--tau-percentile", help="τ as this percentile of the calibration.", min=0, max=100
+        ),
+    ] = None,
+    max_consolidations: Annotated[
+        int,
+        typer.Option("--max-consolidations", help="Monitor insertions per reply, at most.", min=0),
+    ] = 3,
+    budget: BudgetOpt = 0.85,
+    keep_ratio: KeepRatioOpt = 0.25,
+    inject: Annotated[
+        bool,
+        typer.Option(
+            "--inject/--no-inject",
+            help="Insert latents into a reply where the monitor fires (untrained latents "
+            "lower reply likelihood: off by default).",
+        ),
+    ] = False,
 ) -> None:
     """Chat in a session that lives on disk and resumes from its saved KV cache.
 
-    Flash attention is off (the memory monitor reads attention probabilities).
+    Flash attention is off: the memory monitor reads attention probabilities.
     Standard input that is not a terminal is read as one message.
     """
     name = validate_name(session) if session else store().new_name()
@@ -174,8 +236,19 @@ def chat(
         sampling=sampling_params(temp, top_k, top_p, min_p, seed),
         stateless=stateless,
         rebuild=rebuild,
-        **({"n_threads": threads} if threads else {}),
+        memory=MemoryOptions(
+            enabled=memory,
+            n_latents=latents,
+            keep_ratio=keep_ratio,
+            budget=budget,
+            tau=tau,
+            tau_percentile=tau_percentile,
+            max_consolidations=max_consolidations,
+            inject_in_reply=inject,
+        ),
     )
+    if threads:
+        options = replace(options, n_threads=threads)
     if session is None and not as_json:
         err_console.print(f"[dim]new session:[/] [bold]{name}[/]")
     with open_conversation(store(), name, options, system) as conversation:
@@ -213,10 +286,18 @@ def turn_json(conversation: Conversation, result: TurnResult) -> dict[str, Any]:
         },
         "dropped_turns": result.dropped_turns,
         "timings_ms": {"load_model": conversation.loaded.load_ms, **result.timings_ms},
+        "memory": {
+            "enabled": conversation.memory is not None,
+            "consolidations": result.memory.get("consolidations", []),
+            "entropy": result.memory.get("entropy", []),
+            "triggers": result.memory.get("triggers", []),
+        },
     }
 
 
 def report_turn(result: TurnResult) -> None:
+    for event in result.memory.get("consolidations", []):
+        err_console.print(f"[magenta]memory:[/] [dim]{describe_event(event)}[/]")
     if result.dropped_turns:
         err_console.print(
             f"[yellow]context full: dropped the {result.dropped_turns} oldest turn(s) from the KV "
@@ -226,11 +307,25 @@ def report_turn(result: TurnResult) -> None:
         err_console.print("[dim](reply cut at the token limit)[/]")
 
 
+def describe_event(event: dict[str, Any]) -> str:
+    if event["kind"] == "monitor":
+        return (
+            f"attention entropy passed τ at reply token {event['step']}: "
+            f"{event['latents']} latents inserted ({event['ms']:.0f} ms)"
+        )
+    what = f"{event['turns']} oldest turn(s)" if event["turns"] else "older memory"
+    return (
+        f"context at budget: consolidated {what}, {event['span_tokens']} tokens -> "
+        f"{event['kept']} kept + {event['latents']} latents ({event['ms']:.0f} ms; "
+        "the transcript keeps everything)"
+    )
+
+
 REPL_HELP = """[bold]/help[/]    this list
 [bold]/exit[/]    leave (also Ctrl-D)
 [bold]/reset[/]   start the conversation over (the transcript keeps everything)
 [bold]/stats[/]   what the KV cache holds
-[bold]/memory[/]  the cache's layout: pinned prefix, turns kept, turns dropped
+[bold]/memory[/]  latent blocks in the cache, consolidation events, monitor settings
 End a line with \\ to continue it; a line of \"\"\" starts or ends a block."""
 
 
@@ -290,13 +385,31 @@ def run_slash_command(conversation: Conversation, command: str) -> None:
     elif command == "/reset":
         conversation.reset()
         console.print("[dim]conversation reset; the transcript keeps the old turns[/]")
-    elif command in ("/stats", "/memory"):
+    elif command == "/stats":
         table = Table(show_header=False, box=None)
         for key, value in conversation.stats().items():
             table.add_row(f"[dim]{key}[/]", str(value))
         console.print(table)
+    elif command == "/memory":
+        print_memory(conversation.memory_report())
     else:
         console.print(f"[red]unknown command {command}[/] (/help lists them)")
+
+
+def print_memory(report: dict[str, Any]) -> None:
+    table = Table(show_header=False, box=None)
+    for key, value in report["settings"].items():
+        table.add_row(f"[dim]{key}[/]", str(value))
+    console.print(table)
+    blocks = Table("latent block", "positions", "tokens")
+    for block in report["latent_blocks"]:
+        start, length = block["start"], block["length"]
+        blocks.add_row(str(block["index"]), f"{start}-{start + length - 1}", str(length))
+    console.print(blocks if report["latent_blocks"] else "[dim]no latents in the cache[/]")
+    events = Table("when", "event")
+    for event in report["events"]:
+        events.add_row(event.get("ts", ""), describe_event(event))
+    console.print(events if report["events"] else "[dim]no consolidations yet[/]")
 
 
 # -- run ------------------------------------------------------------------------------------
@@ -560,7 +673,11 @@ def models_info(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Path, size, architecture, layers, context length, chat template, fingerprint."""
-    info = models.inspect(models.resolve(model))
+    file = models.resolve(model)
+    info = models.inspect(file)
+    info["consolidator"] = weights_status(file)
+    tau = resolve_tau(file, MemoryOptions())
+    info["monitor_tau"] = "not calibrated (flashmem calibrate)" if tau is None else round(tau, 4)
     if as_json:
         console.print_json(data=info)
         return
@@ -569,6 +686,144 @@ def models_info(
         shown = human_bytes(value) if isinstance(value, int) and key == "size" else str(value)
         table.add_row(f"[dim]{key}[/]", shown)
     console.print(table)
+
+
+# -- calibrate and eval -----------------------------------------------------------------------
+
+
+@app.command("calibrate")
+def calibrate_command(
+    model: ModelOpt = None,
+    corpus: Annotated[
+        Path | None,
+        typer.Option("--corpus", help="UTF-8 text to read (default: a built-in corpus)."),
+    ] = None,
+    percentile: Annotated[
+        float, typer.Option("--percentile", help="τ as this percentile.", min=0, max=100)
+    ] = 85.0,
+    n_gpu_layers: GpuLayersOpt = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Measure the memory monitor's τ for a model; stored beside it in models/."""
+    from flashmem_cli.calibrate import calibrate
+    from flashmem_cli.chat.conversation import load_model
+    from flashmem_cli.memory.calibration import builtin_corpus
+
+    file = models.resolve(model)
+    text, name = (read_text_file(corpus), str(corpus)) if corpus else (builtin_corpus(), "built-in")
+    loaded = load_model(file, n_gpu_layers)
+    try:
+        with steps_progress("calibrate", enabled=not as_json) as advance:
+            calibration, path = calibrate(loaded.model, file, text, name, percentile, advance)
+    finally:
+        loaded.model.close()
+    record = {
+        "model": file.name,
+        "tau": round(calibration.tau, 4),
+        "percentile": percentile,
+        "tokens": len(calibration.entropies),
+        "corpus": name,
+        "path": path,
+    }
+    if as_json:
+        console.print_json(data=record)
+    else:
+        console.print(
+            f"τ = [bold]{record['tau']}[/] (percentile {percentile:g} of {record['tokens']} "
+            f"token entropies) for {file.name}, saved to {path}"
+        )
+
+
+@eval_app.command("recall")
+def eval_recall(
+    file: Annotated[Path, typer.Argument(help="JSONL recall cases ({id, turns, probes}).")],
+    ctx_size: Annotated[
+        int, typer.Option("-c", "--ctx-size", help="Context of every policy but full.", min=64)
+    ],
+    model: ModelOpt = None,
+    n_gpu_layers: GpuLayersOpt = None,
+    latents: LatentsOpt = 8,
+    budget: BudgetOpt = 0.85,
+    keep_ratio: KeepRatioOpt = 0.25,
+    policies: Annotated[
+        str, typer.Option("--policies", help="Comma-separated subset of the policies.")
+    ] = ",".join(POLICIES),
+    limit: Annotated[int | None, typer.Option("--limit", help="First N cases only.", min=1)] = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Teacher-forced recall of early facts under full / truncate / flashmem / ablations.
+
+    gap_recovered = (flashmem - truncate) / (full - truncate), over the probes truncation hurt.
+    """
+    from flashmem_cli.bench.recall import RecallSettings, run_recall
+    from flashmem_cli.bench.recall_cases import parse_cases
+    from flashmem_cli.chat.conversation import load_model
+
+    chosen = tuple(p.strip() for p in policies.split(",") if p.strip())
+    unknown = [p for p in chosen if p not in POLICIES]
+    if unknown or not chosen:
+        raise FlashmemError(
+            f"unknown policy {unknown[0] if unknown else ''!r}: use {', '.join(POLICIES)}"
+        )
+    cases = parse_cases(read_text_file(file).splitlines(), str(file))[:limit]
+    memory = MemoryOptions(n_latents=latents, budget=budget, keep_ratio=keep_ratio)
+    settings = RecallSettings(ctx_size, memory, chosen)
+    loaded = load_model(models.resolve(model), n_gpu_layers)
+    try:
+        with steps_progress("recall", enabled=not as_json) as advance:
+            total = len(cases) * len(chosen)
+            done = iter(range(1, total + 1))
+            result = run_recall(
+                loaded, cases, settings, lambda case, policy: advance(next(done) - 1, total)
+            )
+    finally:
+        loaded.model.close()
+    result["model"] = loaded.file.name
+    if as_json:
+        console.print_json(data=result)
+    else:
+        print_recall(result, chosen)
+
+
+def print_recall(result: dict[str, Any], policies: tuple[str, ...]) -> None:
+    table = Table("case", *policies, title="mean log-prob per answer token (higher is better)")
+    for case in result["cases"]:
+        table.add_row(case["id"], *(f"{case['policies'][p]['mean']:.3f}" for p in policies))
+    summary = result["summary"]
+    table.add_row("[bold]all[/]", *(f"[bold]{summary['mean_logprob'][p]:.3f}[/]" for p in policies))
+    console.print(table)
+    for key, value in summary.items():
+        if key.startswith("gap_recovered") or key.startswith("probes"):
+            console.print(f"[dim]{key}:[/] {value}")
+
+
+class steps_progress:  # noqa: N801 - used as a function in `with`
+    """A progress bar on stderr; yields `advance(done, total)`."""
+
+    def __init__(self, label: str, enabled: bool):
+        self.bar = Progress(
+            TextColumn(f"[bold]{label}[/]"),
+            BarColumn(),
+            TextColumn("{task.completed}/{task.total}"),
+            TimeRemainingColumn(),
+            console=err_console,
+            disable=not enabled or not err_console.is_terminal,
+        )
+        self.task = self.bar.add_task(label, total=None)
+
+    def __enter__(self) -> Any:
+        self.bar.__enter__()
+        return lambda done, total: self.bar.update(self.task, completed=done, total=total)
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.__exit__(None, None, None)
+
+
+def read_text_file(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise FlashmemError(f"{path} is not UTF-8 text") from None
 
 
 def human_bytes(n: int) -> str:

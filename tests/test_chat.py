@@ -153,19 +153,26 @@ def test_mismatched_state_is_refused_then_rebuilt(home, model_path, damage, frag
     assert again["tokens"]["new_prompt"] == own_turn_tokens(model_path, "Thanks.")
 
 
-def test_full_context_drops_oldest_turns_and_keeps_the_transcript(home, model_path):
+@pytest.mark.parametrize("memory", [False, True])
+def test_a_full_context_drops_or_consolidates_and_keeps_the_transcript(home, model_path, memory):
     flags = ["--temp", "0", "-n", "24", "-c", "256", "-t", "2", "-sys", "You are a bot."]
+    flags += [] if memory else ["--no-memory"]
     message = "Here is a fairly long message about gardening, tomatoes and the weather. " * 2
-    dropped = []
+    dropped, consolidated = [], []
     for i in range(6):
         result = run_json("chat", "-s", "full", *flags, "-p", f"{i}: {message}")
         dropped.append(result["dropped_turns"])
+        consolidated += result["memory"]["consolidations"]
         assert result["tokens"]["cached"] + result["tokens"]["new_prompt"] <= 256
-    assert sum(dropped) > 0
+    if memory:
+        assert consolidated and sum(dropped) == 0
+    else:
+        assert sum(dropped) > 0 and not consolidated
     records = transcript(home, "full")
-    assert [r["content"] for r in records if r["role"] == "user"] == [
+    assert [r["content"] for r in records if r.get("role") == "user"] == [
         f"{i}: {message}" for i in range(6)
     ]
+    assert sum(r.get("event") == "memory" for r in records) == len(consolidated)
     proc = run_cli("chat", "-s", "full", *flags, "-p", "short")
     assert proc.returncode == 0, proc.stderr
     assert "dropped" in proc.stderr or "new prompt tokens" in proc.stderr

@@ -2,9 +2,10 @@
 
     python -m flashmem_cli.bench.monitor [--tokens 128] [--runs 5] [-m MODEL]
 
-Both decode the same greedy continuation in a fresh context of the same size; "on" reads the
-last layer's `kq_soft_max` row of each token through the eval callback and computes its
-sink-masked entropy. Runs alternate; medians are reported.
+Both decode the same greedy continuation in a fresh context of the same size; "on" is what chat
+does with memory on: the eval callback reads the last layer's `kq_soft_max` row of each token
+(its sink-masked entropy is computed) and the attention mass on the global layers, and the
+final hidden state is kept. Runs alternate; medians are reported.
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ import statistics
 import time
 
 from flashmem_cli import models
+from flashmem_cli.chat.memory import global_layers
 from flashmem_cli.config import default_threads
+from flashmem_cli.engine.attention import AttentionCapture
 from flashmem_cli.engine.backend import Context, ContextParams, Model
-from flashmem_cli.engine.ggml import NodeTap, attention_rows, batch_size
 from flashmem_cli.engine.sampling import Sampler, SamplingParams
 from flashmem_cli.engine.sequence import KVSequence
 from flashmem_cli.memory.monitor import attention_entropy
@@ -43,15 +45,14 @@ def main() -> None:
 
 
 def decode_speed(model: Model, n_tokens: int, monitored: bool) -> float:
+    info = model.info()
     entropies: list[float] = []
-
-    def on_node(name: str, ptr: int) -> None:
-        entropies.append(attention_entropy(attention_rows(ptr, batch_size(ptr) - 1)))
-
-    last_layer = f"kq_soft_max-{model.info().n_layer - 1}"
-    tap = NodeTap([last_layer], on_node) if monitored else None
+    capture = AttentionCapture(info.n_layer - 1, global_layers(info), 1024) if monitored else None
     params = ContextParams(
-        n_ctx=1024, n_threads=default_threads(), eval_callback=tap.callback if tap else None
+        n_ctx=1024,
+        n_threads=default_threads(),
+        eval_callback=capture.callback if capture else None,
+        hidden_states=monitored,
     )
     with Context(model, params) as ctx, Sampler(SamplingParams(temperature=0)) as sampler:
         seq = KVSequence(ctx)
@@ -59,10 +60,13 @@ def decode_speed(model: Model, n_tokens: int, monitored: bool) -> float:
         start = time.perf_counter()
         for _ in range(n_tokens):
             seq.feed([sampler.sample(ctx)])
+            if capture is not None and capture.last_rows is not None:
+                capture.check()
+                entropies.append(attention_entropy(capture.last_rows))
+                ctx.hidden_state()
         elapsed = time.perf_counter() - start
-    if tap:
-        tap.check()
-        assert len(entropies) == n_tokens + 1
+    if capture is not None:
+        assert len(entropies) == n_tokens
     return n_tokens / elapsed
 
 

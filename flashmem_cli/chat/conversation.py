@@ -12,6 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from flashmem_cli import models
 from flashmem_cli.chat.layout import (
     KVLayout,
@@ -20,11 +22,12 @@ from flashmem_cli.chat.layout import (
     split_turns,
     tokens_digest,
 )
+from flashmem_cli.chat.memory import ConversationMemory, MemoryOptions
 from flashmem_cli.config import DEFAULT_BATCH, DEFAULT_CTX, DEFAULT_N_PREDICT, default_threads
 from flashmem_cli.engine.backend import Context, ContextParams, Model
 from flashmem_cli.engine.generate import stream_generate
 from flashmem_cli.engine.sampling import Sampler, SamplingParams
-from flashmem_cli.engine.sequence import KVSequence
+from flashmem_cli.engine.sequence import LATENT, KVSequence
 from flashmem_cli.engine.templates import (
     ChatTemplate,
     pinned_prefix,
@@ -33,6 +36,8 @@ from flashmem_cli.engine.templates import (
     text_after,
 )
 from flashmem_cli.errors import ContextOverflow, EngineError, FlashmemError, StateMismatch
+from flashmem_cli.memory.budget import turns_to_consolidate
+from flashmem_cli.memory.monitor import DEFAULT_SINKS
 from flashmem_cli.models import ModelFile
 from flashmem_cli.store.sessions import Session, SessionStore
 
@@ -50,6 +55,7 @@ class ChatOptions:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     stateless: bool = False
     rebuild: bool = False
+    memory: MemoryOptions = field(default_factory=lambda: MemoryOptions(enabled=False))
 
 
 @dataclass
@@ -62,6 +68,7 @@ class TurnResult:
     finish_reason: str
     dropped_turns: int
     timings_ms: dict[str, float] = field(default_factory=dict)
+    memory: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -94,10 +101,10 @@ class Conversation:
         self.options = options
         self._owns_model = owns_model
         self._owns_ctx = seq is None
+        self.memory: ConversationMemory | None = None
         if seq is None:
             n_ctx = options.n_ctx or session.meta.get("n_ctx") or DEFAULT_CTX
-            params = ContextParams(n_ctx, n_batch=options.n_batch, n_threads=options.n_threads)
-            seq = KVSequence(Context(self.model, params))
+            seq = KVSequence(self._own_context(n_ctx))
         self.seq = seq
         self.ctx = seq.ctx
         self.n_ctx = seq.limit
@@ -113,7 +120,30 @@ class Conversation:
 
     # -- lifecycle ------------------------------------------------------------------------------
 
+    def _own_context(self, n_ctx: int) -> Context:
+        """A context of the conversation's own, with the memory's attention tap when on."""
+        params = ContextParams(
+            n_ctx, n_batch=self.options.n_batch, n_threads=self.options.n_threads
+        )
+        if not self.options.memory.enabled or self.options.stateless:
+            return Context(self.model, params)
+        self.memory = ConversationMemory(self.model, self.loaded.file, self.options.memory)
+        ctx = Context(
+            self.model,
+            ContextParams(
+                n_ctx,
+                n_batch=self.options.n_batch,
+                n_threads=self.options.n_threads,
+                eval_callback=self.memory.eval_callback,
+                hidden_states=True,
+            ),
+        )
+        self.memory.attach(ctx.n_ctx)  # llama.cpp pads the size it was asked for
+        return ctx
+
     def _release_kv(self) -> None:
+        if self.memory is not None:
+            self.memory.close()
         if self._owns_ctx:
             self.ctx.close()
         else:
@@ -166,6 +196,8 @@ class Conversation:
                 "interrupted save?); --rebuild re-processes the transcript"
             )
         self.layout = layout
+        if self.memory is not None:
+            self.memory.load(self.session.memory_path, self.seq)
 
     def _check_state(self, kv: dict[str, Any]) -> None:
         name = self.session.name
@@ -212,7 +244,7 @@ class Conversation:
     def send(self, text: str, on_text: Callable[[str], None] | None = None) -> TurnResult:
         """One turn: feed what is new, stream the reply, append both to the transcript, save."""
         turn = self.begin_turn(text)
-        finish, first_token_ms = self._generate(turn.start, on_text)
+        finish, first_token_ms = self.generate(turn, on_text)
         return self.finish_turn(turn, finish, first_token_ms)
 
     def begin_turn(self, text: str, tags: dict[str, Any] | None = None) -> PendingTurn:
@@ -232,6 +264,7 @@ class Conversation:
         )
         self.session.append({**user, **(tags or {})})
         dropped_before = self.layout.dropped
+        events_before = len(self.memory.events) if self.memory else 0
         new_prompt = self._feed(chunks)
         return PendingTurn(
             start=start,
@@ -243,11 +276,13 @@ class Conversation:
             reply_start=len(self.seq),
             prefill_ms=_ms(start),
             tags=tags or {},
+            events_before=events_before,
         )
 
     def finish_turn(self, turn: PendingTurn, finish: str, first_token_ms: float) -> TurnResult:
         """The reply is what the cache holds after the prompt: record it, close it, save."""
-        reply_tokens = self.seq.tokens[turn.reply_start :]
+        generated = self.seq.tokens[turn.reply_start :]
+        reply_tokens = [token for token in generated if token != LATENT]
         reply_message: Message = {
             "role": "assistant",
             "content": self.model.detokenize(reply_tokens),
@@ -255,7 +290,7 @@ class Conversation:
         usage = {"prompt_tokens": turn.reply_start, "completion_tokens": len(reply_tokens)}
         record = {**reply_message, **turn.tags, "finish_reason": finish}
         self.session.append({**record, "usage": usage} if turn.tags else record)
-        self._close_reply(turn.messages + [reply_message], len(reply_tokens))
+        self._close_reply(turn.messages + [reply_message], len(generated))
         if not self.options.stateless:
             self._save()
         restore_ms, self._pending_restore_ms = self._pending_restore_ms, 0.0
@@ -267,6 +302,7 @@ class Conversation:
             generated_tokens=len(reply_tokens),
             finish_reason=finish,
             dropped_turns=self.layout.dropped - turn.dropped_before,
+            memory=self._turn_memory(turn),
             timings_ms={
                 "restore": restore_ms,
                 "prefill": turn.prefill_ms,
@@ -275,11 +311,68 @@ class Conversation:
             },
         )
 
+    def memory_report(self) -> dict[str, Any]:
+        """What /memory shows: settings, the latent blocks in the cache, every memory event."""
+        settings: dict[str, Any] = {"memory": "on" if self.memory else "off"}
+        if self.memory is not None:
+            settings.update(self.memory.settings())
+        settings.update(
+            {
+                "kv_tokens": len(self.seq),
+                "memory_tokens": self.layout.memory,
+                "turns_consolidated": self.layout.consolidated,
+            }
+        )
+        events = [r for r in self.session.records() if r.get("event") == "memory"]
+        return {
+            "settings": settings,
+            "latent_blocks": latent_blocks(self.seq.tokens),
+            "events": events,
+        }
+
+    def score_reply(self, question: str, answer: str) -> list[float]:
+        """Teacher-forced log-probabilities of `answer`'s tokens as the reply to `question`,
+        each given the ones before; the cache and the transcript are left as they were."""
+        asked: Message = {"role": "user", "content": question}
+        text = text_after(self.template, self.messages(), [asked], add_generation_prompt=True)
+        prompt, target = self.model.tokenize(text), self.model.tokenize(answer)
+        if len(prompt) + len(target) > self.seq.free:
+            raise ContextOverflow(
+                f"the probe needs {len(prompt) + len(target)} tokens; {self.seq.free} are free"
+            )
+        mark = len(self.seq)
+        scores = []
+        try:
+            self.seq.feed(prompt)
+            for token in target:
+                scores.append(log_softmax_at(self.ctx.logits_view(), token))
+                self.seq.feed([token])
+        finally:
+            self._remove_tail(mark)
+        return scores
+
+    def _remove_tail(self, start: int) -> None:
+        if self.memory is not None:
+            self.memory.drop(self.seq, start, len(self.seq))
+        else:
+            self.seq.drop(start, len(self.seq))
+
+    def _turn_memory(self, turn: PendingTurn) -> dict[str, Any]:
+        if self.memory is None:
+            return {}
+        return {
+            "consolidations": self.memory.events[turn.events_before :],
+            "entropy": self.memory.reply_entropies,
+            "triggers": self.memory.reply_triggers,
+        }
+
     def reset(self) -> None:
         """Start over: the transcript keeps everything, the KV cache forgets it."""
         self.session.append({"event": "reset"})
         self.seq.clear()
         self.layout = KVLayout()
+        if self.memory is not None:
+            self.memory.reset()
         if not self.options.stateless:
             self._save()
 
@@ -292,6 +385,8 @@ class Conversation:
             "pinned_tokens": self.layout.pinned,
             "turns_in_kv": len(self.layout.turns),
             "turns_dropped": self.layout.dropped,
+            "turns_consolidated": self.layout.consolidated,
+            "memory_tokens": self.layout.memory,
             "messages": len(self.messages()),
             "template": self.template.name,
         }
@@ -347,6 +442,8 @@ class Conversation:
             self.layout.pinned = len(head)
         self.layout.messages += sum(len(chunk.group) for chunk in chunks)
         reserve = self._generation_reserve() if chunks and chunks[-1].prompt else 0
+        if self.memory is not None:
+            return self._feed_with_memory(head, chunks, reserve)
         kept = list(chunks)
 
         def needed() -> int:
@@ -361,6 +458,64 @@ class Conversation:
         self.layout.turns.extend(len(chunk.tokens) for chunk in kept)
         return len(tokens)
 
+    def _feed_with_memory(self, head: list[int], chunks: list[_Chunk], reserve: int) -> int:
+        """Feed turn by turn, consolidating the oldest turns whenever the next would pass the
+        budget; dropping only what consolidation cannot make room for."""
+        assert self.memory is not None
+        fed = 0
+        for i, chunk in enumerate(chunks):
+            tokens = (head if i == 0 else []) + chunk.tokens
+            last = i == len(chunks) - 1
+            self._consolidate_for(len(tokens) + (reserve if last else 0))
+            self._make_room(len(tokens) + (reserve if last else 0))
+            if len(self.seq) + len(tokens) > self.n_ctx:
+                tokens = tokens[: len(head)] if i == 0 else []
+                self.layout.dropped += 1  # a turn never fed: the transcript has it
+            else:
+                self.layout.turns.append(len(chunk.tokens))
+            if tokens:
+                self.seq.feed(tokens)
+                self.memory.note_decode(self.ctx)
+            fed += len(tokens)
+        return fed
+
+    def _consolidate_for(self, needed: int) -> None:
+        """Fold the oldest turns into memory until `needed` more tokens fit the budget; when the
+        memory itself outgrows half the budget, fold it too. Sinks (the first tokens) and the
+        pinned head stay as they are."""
+        assert self.memory is not None
+        layout, options = self.layout, self.memory.options
+        count = turns_to_consolidate(
+            layout.pinned + layout.memory,
+            layout.turns,
+            needed,
+            self.memory.budget,
+            options.keep_ratio,
+            options.n_latents,
+        )
+        if count:
+            start = max(layout.pinned + layout.memory, DEFAULT_SINKS)
+            end = layout.pinned + layout.memory + sum(layout.turns[:count])
+            self._consolidate(start, end, turns=count)
+        if layout.memory > self.memory.budget // 2:
+            self._consolidate(max(layout.pinned, DEFAULT_SINKS), layout.pinned + layout.memory)
+
+    def _consolidate(self, start: int, end: int, turns: int = 0) -> None:
+        """Fold positions [start, end) - the memory region's end or whole turns - into memory."""
+        assert self.memory is not None
+        layout = self.layout
+        if end - start <= self.memory.options.n_latents:
+            return
+        before = len(self.seq)
+        event = self.memory.consolidate(self.seq, start, end, "turns" if turns else "memory")
+        removed = before - len(self.seq)
+        # what stays of the span joins the memory region, which ends where the span ended
+        layout.memory = end - removed - layout.pinned
+        del layout.turns[:turns]
+        layout.consolidated += turns
+        event["turns"] = turns
+        self.session.append({"event": "memory", **event})
+
     def _generation_reserve(self) -> int:
         limit = self.n_ctx // 4
         return min(self.options.n_predict, limit) if self.options.n_predict > 0 else limit
@@ -370,17 +525,27 @@ class Conversation:
         keep = 1 if keep_last else 0
         while len(self.layout.turns) > keep and len(self.seq) + needed > self.n_ctx:
             start, end = self.layout.oldest_turn_span()
-            self.seq.drop(start, end)
+            if self.memory is not None:
+                self.memory.drop(self.seq, start, end)
+            else:
+                self.seq.drop(start, end)
             self.layout.turns.pop(0)
             self.layout.dropped += 1
 
-    def _generate(self, start: float, on_text: Callable[[str], None] | None) -> tuple[str, float]:
+    def generate(
+        self, turn: PendingTurn, on_text: Callable[[str], None] | None = None
+    ) -> tuple[str, float]:
         """Stream the reply into the cache; returns (finish reason, ms to first token)."""
+        start = turn.start
         first_token_ms: float | None = None
         finish = "stop"
         sampler = Sampler(self.options.sampling)
+        after_feed = None
+        if self.memory is not None:
+            self.memory.begin_reply()
+            after_feed = self._after_reply_token
         try:
-            for response in stream_generate(self.seq, sampler, self.options.n_predict):
+            for response in stream_generate(self.seq, sampler, self.options.n_predict, after_feed):
                 if first_token_ms is None:
                     first_token_ms = _ms(start)
                 if response.text and on_text:
@@ -392,12 +557,24 @@ class Conversation:
             sampler.close()
         return finish, first_token_ms or _ms(start)
 
+    def _after_reply_token(self, step: int) -> None:
+        """The Cognitive Monitor: entropy of each reply token; latents where it fires (when
+        in-reply insertion is on and they fit)."""
+        assert self.memory is not None
+        self.memory.note_decode(self.ctx)
+        if not self.memory.observe_token(step) or not self.memory.options.inject_in_reply:
+            return
+        if self.seq.free > self.memory.options.n_latents + 1:
+            self.session.append({"event": "memory", **self.memory.inject(self.seq, step)})
+
     def _close_reply(self, messages: list[Message], generated: int) -> None:
         """Feed the template's end-of-reply text now, so the next turn feeds only its own."""
         closing = self.model.tokenize(reply_closing(self.template, messages))
         self._make_room(len(closing), keep_last=True)
         if len(closing) <= self.seq.free and self.layout.turns:
             self.seq.feed(closing)
+            if self.memory is not None:
+                self.memory.note_decode(self.ctx)
             self.layout.turns[-1] += generated + len(closing)
         else:  # no room even alone: this turn leaves the cache too (the transcript keeps it)
             self.seq.drop(self.layout.pinned, len(self.seq))
@@ -417,6 +594,9 @@ class Conversation:
                 f"internal: layout counts {self.layout.n_tokens} tokens, cache holds {len(self.seq)}"
             )
         self.session.save_state(self.seq.save)
+        if self.memory is not None:
+            memory = self.memory
+            self.session.save_memory(lambda path: memory.save(path, self.seq))
         model = self.loaded.file
         self.session.meta["model"] = {
             "name": model.name,
@@ -448,6 +628,7 @@ class PendingTurn:
     reply_start: int
     prefill_ms: float
     tags: dict[str, Any] = field(default_factory=dict)
+    events_before: int = 0
 
 
 @dataclass
@@ -457,6 +638,24 @@ class _Chunk:
     pinned: list[int]  # the never-dropped head, only on a conversation's first chunk
     tokens: list[int]
     prompt: bool  # ends in the generation prompt
+
+
+def latent_blocks(tokens: list[int]) -> list[dict[str, int]]:
+    """Runs of latent cells in the cache: index, first position, length."""
+    blocks: list[dict[str, int]] = []
+    for position, token in enumerate(tokens):
+        if token != LATENT:
+            continue
+        if blocks and blocks[-1]["start"] + blocks[-1]["length"] == position:
+            blocks[-1]["length"] += 1
+        else:
+            blocks.append({"index": len(blocks), "start": position, "length": 1})
+    return blocks
+
+
+def log_softmax_at(logits: np.ndarray, token: int) -> float:
+    top = float(logits.max())
+    return float(logits[token] - top - np.log(np.exp(logits - top).sum()))
 
 
 def chat_template_for(model: Model) -> ChatTemplate:

@@ -11,23 +11,27 @@ Message = dict[str, str]
 
 @dataclass
 class KVLayout:
-    """The KV cache holds `pinned` tokens (BOS, system prompt), then one block per turn.
+    """The KV cache holds `pinned` tokens (BOS, system prompt), then `memory` tokens (latents
+    and kept positions of consolidated turns), then one block per turn.
 
     `messages` counts the conversation's messages whose text the cache has taken in, including
-    those of turns since dropped to make room.
+    those of turns since dropped or consolidated to make room.
     """
 
     pinned: int = 0
     turns: list[int] = field(default_factory=list)
     messages: int = 0
     dropped: int = 0
+    memory: int = 0
+    consolidated: int = 0
 
     @property
     def n_tokens(self) -> int:
-        return self.pinned + sum(self.turns)
+        return self.pinned + self.memory + sum(self.turns)
 
     def oldest_turn_span(self) -> tuple[int, int]:
-        return self.pinned, self.pinned + self.turns[0]
+        start = self.pinned + self.memory
+        return start, start + self.turns[0]
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -39,6 +43,8 @@ class KVLayout:
             turns=[int(n) for n in data["turns"]],
             messages=int(data["messages"]),
             dropped=int(data.get("dropped", 0)),
+            memory=int(data.get("memory", 0)),
+            consolidated=int(data.get("consolidated", 0)),
         )
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import codecs
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 
 from flashmem_cli.engine.sampling import Sampler
@@ -17,12 +17,18 @@ class GenerationResponse:
     finish_reason: str | None  # None while generating, then "stop" or "length"
 
 
-def generate_step(seq: KVSequence, sampler: Sampler, max_tokens: int) -> Generator[int, None, str]:
+def generate_step(
+    seq: KVSequence,
+    sampler: Sampler,
+    max_tokens: int,
+    after_feed: Callable[[int], None] | None = None,
+) -> Generator[int, None, str]:
     """Yield sampled tokens, feeding each to `seq` before drawing the next.
 
     Expects the logits of the sequence's last token to be current. Every yielded token ends up
     in the KV cache once the caller asks for the next one or exhausts the generator. Returns the
     finish reason: "stop" at an end-of-generation token, "length" at `max_tokens` or a full context.
+    `after_feed(step)` runs after each token's decode (the memory monitor; it may append latents).
     """
     model = seq.ctx.model
     produced = 0
@@ -34,17 +40,22 @@ def generate_step(seq: KVSequence, sampler: Sampler, max_tokens: int) -> Generat
             return "length"
         yield token
         seq.feed([token])
+        if after_feed is not None:
+            after_feed(produced)
         produced += 1
     return "length"
 
 
 def stream_generate(
-    seq: KVSequence, sampler: Sampler, max_tokens: int
+    seq: KVSequence,
+    sampler: Sampler,
+    max_tokens: int,
+    after_feed: Callable[[int], None] | None = None,
 ) -> Iterator[GenerationResponse]:
     """Generated text piece by piece; the last response carries the finish reason."""
     model = seq.ctx.model
     decoder = codecs.getincrementaldecoder("utf-8")("replace")
-    steps = generate_step(seq, sampler, max_tokens)
+    steps = generate_step(seq, sampler, max_tokens, after_feed)
     token = -1
     while True:
         try:

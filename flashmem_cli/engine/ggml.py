@@ -87,6 +87,14 @@ def read_f32(ptr: int) -> np.ndarray:
     return out
 
 
+def read_row(ptr: int, row: int, n: int, dtype: type) -> np.ndarray:
+    """The first `n` elements of row `row` (stride nb[1]) of a node, as float32."""
+    tensor = GgmlTensor.from_address(ptr)
+    out: np.ndarray = np.empty(n, dtype=dtype)
+    _ggml_base.ggml_backend_tensor_get(ptr, out.ctypes.data, row * tensor.nb[1], out.nbytes)
+    return out.astype(np.float32)
+
+
 def batch_size(ptr: int) -> int:
     return int(GgmlTensor.from_address(ptr).ne[1])
 
@@ -115,17 +123,20 @@ class NodeTap:
             raise error
 
     def _call(self, ptr: int, ask: bool, user_data: ctypes.c_void_p) -> bool:
-        raw = ctypes.string_at(ptr + NAME_OFFSET, self._width)
-        wanted = (
-            raw in self._fixed
-            if self._fixed is not None
-            else (raw.partition(b"\0")[0] in self.names)
-        )
-        if not wanted:
-            return not ask  # not wanted; after compute, keep going
-        if not ask:
-            try:
+        # Nothing may cross into C: an exception there (Ctrl-C included) would be printed and
+        # dropped, and a False answer after compute stops the graph half-way. It is kept for
+        # `check` and the graph runs to the end.
+        try:
+            raw = ctypes.string_at(ptr + NAME_OFFSET, self._width)
+            wanted = (
+                raw in self._fixed
+                if self._fixed is not None
+                else (raw.partition(b"\0")[0] in self.names)
+            )
+            if not wanted:
+                return not ask  # not wanted; after compute, keep going
+            if not ask:
                 self._on_node(raw.partition(b"\0")[0].decode(), ptr)
-            except Exception as exc:  # an exception must not cross into C
-                self.error = exc
+        except BaseException as exc:
+            self.error = self.error or exc
         return True

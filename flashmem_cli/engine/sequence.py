@@ -4,12 +4,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from flashmem_cli.engine.backend import Context
 from flashmem_cli.errors import EngineError
 
+LATENT = -1  # the token recorded for a cell filled from an input embedding (a memory latent)
+
 
 class KVSequence:
-    """Positions 0..n-1 of sequence `seq_id` hold exactly `tokens`, with no gaps.
+    """Positions 0..n-1 of sequence `seq_id` hold exactly `tokens`, with no gaps; a cell
+    decoded from an embedding holds LATENT.
 
     `limit` caps the sequence's length: the whole context unless several sequences share it.
     """
@@ -40,6 +45,36 @@ class KVSequence:
             self.ctx.remove(self.seq_id, start, -1)
             raise
         self.tokens.extend(tokens)
+
+    def feed_embeddings(self, rows: np.ndarray) -> None:
+        """Decode input embeddings (n, n_embd) after what the sequence holds, as LATENT cells."""
+        if len(rows) > self.free:
+            raise EngineError(f"{len(rows)} latents do not fit the {self.free} free context slots")
+        start = len(self.tokens)
+        try:
+            self.ctx.decode_embeddings(rows, start, self.seq_id)
+        except BaseException:
+            self.ctx.remove(self.seq_id, start, -1)
+            raise
+        self.tokens.extend([LATENT] * len(rows))
+
+    def move_tail(self, count: int, to: int) -> None:
+        """Move the last `count` cells to positions to..to+count-1, shifting what was there up.
+
+        llama.cpp decodes a sequence only at its end, so a block meant for the middle is decoded
+        last and rotated into place: out of the way, the rest up, then down into the gap (each
+        shift re-ropes the keys; shifts of a cell add up)."""
+        n = len(self.tokens)
+        if not 0 <= to <= n - count or count < 0:
+            raise ValueError(f"cannot move {count} tail cells of {n} to {to}")
+        if count == 0 or to == n - count:
+            return
+        parked = 2 * n + count
+        self.ctx.shift(self.seq_id, n - count, n, parked)
+        self.ctx.shift(self.seq_id, to, n - count, count)
+        self.ctx.shift(self.seq_id, n - count + parked, n + parked, to - (n - count) - parked)
+        block = self.tokens[n - count :]
+        self.tokens[to:] = block + self.tokens[to : n - count]
 
     def extend_decoded(self, tokens: list[int]) -> None:
         """Record tokens that a multi-sequence batch decoded for this sequence."""

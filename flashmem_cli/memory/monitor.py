@@ -31,6 +31,17 @@ def attention_entropy(probs: np.ndarray, n_sinks: int = DEFAULT_SINKS) -> float:
     return float(-(p * logs).sum(axis=1).mean())
 
 
+def attention_entropies(probs: np.ndarray, n_sinks: int = DEFAULT_SINKS) -> np.ndarray:
+    """`attention_entropy` of every token of a batch: `probs` is (n_head, n_tokens, n_kv)."""
+    p = np.asarray(probs, dtype=np.float64).copy()
+    p[..., :n_sinks] = 0.0
+    mass = p.sum(axis=-1, keepdims=True)
+    p = np.divide(p, mass, out=np.zeros_like(p), where=mass > 0)
+    logs = np.log(p, out=np.zeros_like(p), where=p > 0)
+    result: np.ndarray = -(p * logs).sum(axis=-1).mean(axis=0)
+    return result
+
+
 def entropy_threshold(entropies: np.ndarray, percentile: float = DEFAULT_PERCENTILE) -> float:
     """τ: the given percentile of entropies seen on a calibration corpus."""
     values = np.asarray(entropies, dtype=np.float64)

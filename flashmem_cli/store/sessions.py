@@ -28,6 +28,7 @@ NAME_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
 META = "meta.json"
 TRANSCRIPT = "transcript.jsonl"
 STATE = "state.bin"
+MEMORY = "memory.npz"
 LOCK = ".lock"
 ROLES = ("system", "user", "assistant")
 
@@ -51,6 +52,16 @@ class SessionSummary:
     updated: str
     model: str
     state_bytes: int
+
+
+def replace_with(path: Path, write: Callable[[Path], object]) -> None:
+    """`write(tmp_path)` writes a file that replaces `path` only once complete."""
+    tmp = temp_path_beside(path)
+    try:
+        write(tmp)
+        commit_temp(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 class Session:
@@ -80,14 +91,16 @@ class Session:
         self.meta["updated"] = now_iso()
         atomic_write_json(self.dir / META, self.meta)
 
+    @property
+    def memory_path(self) -> Path:
+        return self.dir / MEMORY
+
     def save_state(self, write: Callable[[Path], object]) -> None:
         """`write(tmp_path)` writes the state; it replaces state.bin only once complete."""
-        tmp = temp_path_beside(self.state_path)
-        try:
-            write(tmp)
-            commit_temp(tmp, self.state_path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        replace_with(self.state_path, write)
+
+    def save_memory(self, write: Callable[[Path], object]) -> None:
+        replace_with(self.memory_path, write)
 
     def close(self) -> None:
         if self._lock_fd is not None:

@@ -1,0 +1,357 @@
+"""A conversation's FlashMem memory: the Cognitive Monitor on its decodes, the Shared-KV
+Consolidator over its frozen KV cache, and bounded context.
+
+This is where the engine (the KV cache, the attention tap) meets the numpy method in
+`memory/`: it reads what llama.cpp computed, asks `memory/` what to do, and edits the cache.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from flashmem_cli.config import models_dir
+from flashmem_cli.engine.attention import AttentionCapture
+from flashmem_cli.engine.backend import Context, Model, ModelInfo
+from flashmem_cli.engine.sequence import LATENT, KVSequence
+from flashmem_cli.errors import EngineError, FlashmemError
+from flashmem_cli.memory.budget import (
+    DEFAULT_BUDGET,
+    DEFAULT_KEEP_RATIO,
+    budget_tokens,
+    dropped_runs,
+    kept_count,
+    positions_to_keep,
+)
+from flashmem_cli.memory.calibration import calibration_path, load_calibration
+from flashmem_cli.memory.consolidator import (
+    DEFAULT_LATENTS,
+    Consolidator,
+    EmbeddingRows,
+    output_norm,
+    untrained_weights,
+)
+from flashmem_cli.memory.gguf_tensors import GGUFTensors
+from flashmem_cli.memory.kv_state import CacheState, parse_sequence_state
+from flashmem_cli.memory.layer import LayerSpec
+from flashmem_cli.memory.monitor import DEFAULT_SINKS, TriggerPolicy, attention_entropy
+from flashmem_cli.memory.weights import load_weights, save_weights, weights_path
+from flashmem_cli.models import ModelFile
+
+MEMORY_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class MemoryOptions:
+    enabled: bool = True
+    n_latents: int = DEFAULT_LATENTS
+    keep_ratio: float = DEFAULT_KEEP_RATIO
+    budget: float = DEFAULT_BUDGET  # a fraction of n_ctx when <= 1, else tokens
+    tau: float | None = None  # overrides the model's calibration
+    tau_percentile: float | None = None
+    max_consolidations: int = 3  # in-reply insertions per reply
+    inject_in_reply: bool = False  # untrained latents hurt replies (README); off until trained
+
+
+def global_layers(info: ModelInfo) -> list[int]:
+    """Layers attending over the whole context: Gemma 3 makes every 6th layer global."""
+    if info.architecture == "gemma3" and info.n_swa > 0:
+        return [i for i in range(info.n_layer) if (i + 1) % 6 == 0]
+    return [info.n_layer - 1]
+
+
+def layer_spec(info: ModelInfo) -> LayerSpec:
+    return LayerSpec(
+        info.n_head, info.head_dim, info.rms_eps, info.rope_base, 1 / math.sqrt(info.head_dim)
+    )
+
+
+def resolve_tau(file: ModelFile, options: MemoryOptions) -> float | None:
+    """--tau, else the model's calibration at --tau-percentile (or its own); None without one."""
+    if options.tau is not None:
+        return options.tau
+    calibration = load_calibration(calibration_path(models_dir(), file.path.stem), file.fingerprint)
+    if calibration is None:
+        return None
+    if options.tau_percentile is not None:
+        return calibration.tau_at(options.tau_percentile)
+    return calibration.tau
+
+
+def open_consolidator(model: Model, file: ModelFile, tensors: GGUFTensors) -> Consolidator:
+    """The model's consolidator weights from models/, created untrained when there are none."""
+    info = model.info()
+    spec = layer_spec(info)
+    path = weights_path(models_dir(), file.path.stem)
+    weights = load_weights(path) if path.is_file() else None
+    if weights is not None and weights.model_fingerprint != file.fingerprint:
+        if weights.trained:
+            raise FlashmemError(
+                f"{path} holds trained weights for another model (fingerprint "
+                f"{weights.model_fingerprint}); move it away to use {file.name}"
+            )
+        weights = None
+    if weights is None:
+        fresh = untrained_weights(tensors, info.n_layer - 1, spec, info.n_embd, file.fingerprint)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_weights(path, fresh)
+        weights = load_weights(path)  # use what int8 storage gives, as every later run will
+    scale = math.sqrt(info.n_embd) if info.architecture.startswith("gemma") else 1.0
+    return Consolidator(weights, spec, EmbeddingRows(tensors), output_norm(tensors), scale)
+
+
+class ConversationMemory:
+    """Owns the attention tap of one conversation's context and what memory did to its cache."""
+
+    def __init__(self, model: Model, file: ModelFile, options: MemoryOptions):
+        self.model = model
+        self.file = file
+        self.info = model.info()
+        self.options = options
+        self.capture = AttentionCapture(self.info.n_layer - 1, global_layers(self.info), 0)
+        self.budget = 0
+        self.tau = resolve_tau(file, options)
+        self.last_hidden: np.ndarray | None = None
+        self.latent_rows = np.zeros((0, self.info.n_embd), dtype=np.float32)
+        self.events: list[dict[str, Any]] = []
+        self.reply_entropies: list[float] = []
+        self.reply_triggers: list[int] = []
+        self._policy: TriggerPolicy | None = None
+        self._tensors: GGUFTensors | None = None
+        self._consolidator: Consolidator | None = None
+
+    def attach(self, n_ctx: int) -> None:
+        """Size the tap and the budget for the context the callback was given to."""
+        self.capture.cell_mass = np.zeros(n_ctx)
+        self.budget = budget_tokens(self.options.budget, n_ctx)
+
+    @property
+    def eval_callback(self) -> object:
+        return self.capture.callback
+
+    def close(self) -> None:
+        if self._tensors is not None:
+            self._tensors.close()
+            self._tensors = None
+
+    @property
+    def consolidator(self) -> Consolidator:
+        if self._consolidator is None:
+            self._tensors = GGUFTensors(self.file.path)
+            self._consolidator = open_consolidator(self.model, self.file, self._tensors)
+        return self._consolidator
+
+    # -- the monitor ------------------------------------------------------------------------
+
+    def note_decode(self, ctx: Context) -> None:
+        """After each decode of the conversation's own tokens: surface tap errors, keep h_t."""
+        self.capture.check()
+        self.last_hidden = ctx.hidden_state()
+
+    def begin_reply(self) -> None:
+        self.reply_entropies = []
+        self.reply_triggers = []
+        self._policy = (
+            TriggerPolicy(self.tau, self.options.max_consolidations)
+            if self.tau is not None
+            else None
+        )
+
+    def observe_token(self, step: int) -> bool:
+        """The entropy of the token just decoded; True when the monitor says consolidate."""
+        rows = self.capture.last_rows
+        if rows is None:
+            return False
+        entropy = attention_entropy(rows, DEFAULT_SINKS)
+        self.reply_entropies.append(round(entropy, 4))
+        if self._policy is None or not self._policy.should_fire(step, entropy):
+            return False
+        self.reply_triggers.append(step)
+        return True
+
+    # -- consolidation ----------------------------------------------------------------------
+
+    def consolidate(
+        self, seq: KVSequence, start: int, end: int, reason: str = "budget"
+    ) -> dict[str, Any]:
+        """Fold positions [start, end) into memory: K latents written from the frozen cache,
+        the span's most-attended positions kept, the rest removed and the gap closed."""
+        began = time.perf_counter()
+        if self.last_hidden is None and self.options.n_latents:
+            self._recompute_hidden(seq)
+        full = self._full_cache(seq)
+        mass = self._mass_by_position(full, len(seq))
+        n_latents = self.options.n_latents
+        n_keep = kept_count(end - start, self.options.keep_ratio, n_latents)
+        kept = positions_to_keep(mass, start, end, n_keep)
+        latents = self._latents(seq, full, end, n_latents) if n_latents else None
+        cell_of = np.empty(len(seq), dtype=np.int64)
+        cell_of[full.positions] = self.capture.visible_cells
+        for a, b in dropped_runs(start, end, kept):
+            self.capture.forget_cells(cell_of[a:b])
+            self._forget_latent_rows(seq, a, b)
+            seq.drop(a, b)
+        if latents is not None:
+            self._insert_latents(seq, latents, at=start)
+        event = {
+            "kind": reason,
+            "span": [start, end],
+            "span_tokens": end - start,
+            "kept": len(kept),
+            "latents": n_latents,
+            "after_tokens": len(seq),
+            "ms": round((time.perf_counter() - began) * 1000, 2),
+        }
+        self.events.append(event)
+        return event
+
+    def drop(self, seq: KVSequence, start: int, end: int) -> None:
+        """Remove positions [start, end) outright (no room even after consolidating)."""
+        full = self._full_cache(seq)
+        cell_of = np.empty(len(seq), dtype=np.int64)
+        cell_of[full.positions] = self.capture.visible_cells
+        self.capture.forget_cells(cell_of[start:end])
+        self._forget_latent_rows(seq, start, end)
+        seq.drop(start, end)
+
+    def reset(self) -> None:
+        self.capture.cell_mass[:] = 0.0
+        self.capture.visible_cells = np.empty(0, dtype=np.int64)
+        self.latent_rows = self.latent_rows[:0]
+
+    def inject(self, seq: KVSequence, step: int) -> dict[str, Any]:
+        """In-reply insertion: K latents from the whole frozen cache, appended where the reply is."""
+        began = time.perf_counter()
+        full = self._full_cache(seq)  # after a decode: h_t is current
+        latents = self._latents(seq, full, len(seq), self.options.n_latents)
+        self._insert_latents(seq, latents, at=len(seq))
+        event = {
+            "kind": "monitor",
+            "step": step,
+            "position": len(seq) - len(latents),
+            "latents": len(latents),
+            "ms": round((time.perf_counter() - began) * 1000, 2),
+        }
+        self.events.append(event)
+        return event
+
+    def _full_cache(self, seq: KVSequence) -> CacheState:
+        n_caches = 2 if self.info.n_swa > 0 else 1
+        full = parse_sequence_state(seq.ctx.sequence_state(seq.seq_id), n_caches)[0]
+        if len(full.positions) != len(seq) or len(self.capture.visible_cells) != len(seq):
+            raise EngineError(
+                f"internal: the cache lists {len(full.positions)} cells and the tap "
+                f"{len(self.capture.visible_cells)}, the sequence holds {len(seq)} tokens"
+            )
+        return full
+
+    def _mass_by_position(self, full: CacheState, n: int) -> np.ndarray:
+        mass = np.zeros(n)
+        mass[full.positions] = self.capture.cell_mass[self.capture.visible_cells]
+        return mass
+
+    def _latents(self, seq: KVSequence, full: CacheState, end: int, n: int) -> np.ndarray:
+        if self.last_hidden is None:
+            raise EngineError("internal: no hidden state to consolidate from")
+        visible = full.positions < end
+        keys = full.keys[-1][visible].astype(np.float32)
+        values = full.values[-1][visible].astype(np.float32)
+        tokens = np.asarray(seq.tokens[:end])
+        candidates = np.unique(tokens[tokens >= 0])
+        return self.consolidator.latents(self.last_hidden, keys, values, end, candidates, n)
+
+    def _recompute_hidden(self, seq: KVSequence) -> None:
+        """h_t for a cache restored without memory.npz: decode its last token again."""
+        last = seq.tokens[-1]
+        if last == LATENT:
+            raise EngineError("cannot recover the hidden state of a cache that ends in a latent")
+        self.drop(seq, len(seq) - 1, len(seq))
+        seq.feed([last])
+        self.note_decode(seq.ctx)
+
+    def _insert_latents(self, seq: KVSequence, rows: np.ndarray, at: int) -> None:
+        ordinal = seq.tokens[:at].count(LATENT)
+        self.capture.track_mass = False  # the latents' own queries are not the conversation's
+        try:
+            seq.feed_embeddings(rows)
+            self.capture.check()
+        finally:
+            self.capture.track_mass = True
+        seq.move_tail(len(rows), at)
+        self.latent_rows = np.insert(self.latent_rows, ordinal, rows, axis=0)
+
+    def _forget_latent_rows(self, seq: KVSequence, start: int, end: int) -> None:
+        first = seq.tokens[:start].count(LATENT)
+        count = seq.tokens[start:end].count(LATENT)
+        self.latent_rows = np.delete(self.latent_rows, np.s_[first : first + count], axis=0)
+
+    # -- persistence ------------------------------------------------------------------------
+
+    def save(self, path: Path, seq: KVSequence) -> None:
+        """memory.npz: latents, their positions, attention mass in the order of the cells that
+        state.bin restores, and h_t (a restored cache has no last decode to read it from)."""
+        positions = [i for i, token in enumerate(seq.tokens) if token == LATENT]
+        with open(path, "wb") as f:
+            np.savez(
+                f,
+                version=np.array(MEMORY_FORMAT),
+                n_tokens=np.array(len(seq)),
+                latents=self.latent_rows,
+                latent_positions=np.array(positions, dtype=np.int64),
+                cell_mass=self.capture.cell_mass[self.capture.visible_cells],
+                last_hidden=(
+                    self.last_hidden
+                    if self.last_hidden is not None
+                    else np.zeros(0, dtype=np.float32)
+                ),
+            )
+
+    def load(self, path: Path, seq: KVSequence) -> bool:
+        """Take up a saved memory after state.bin was restored into a fresh context (its cells
+        then sit at 0..n-1 in saved order). False, memory empty, when it does not match."""
+        n = len(seq)
+        self.capture.visible_cells = np.arange(n)
+        self.latent_rows = np.zeros((seq.tokens.count(LATENT), self.info.n_embd), np.float32)
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                if int(data["version"]) != MEMORY_FORMAT or int(data["n_tokens"]) != n:
+                    return False
+                latents, mass, hidden = data["latents"], data["cell_mass"], data["last_hidden"]
+        except (OSError, ValueError, KeyError):
+            return False
+        if len(mass) != n or len(latents) != seq.tokens.count(LATENT):
+            return False
+        self.capture.cell_mass[:n] = mass
+        self.latent_rows = latents.astype(np.float32)
+        self.last_hidden = hidden if len(hidden) else None
+        return True
+
+    def settings(self) -> dict[str, Any]:
+        o = self.options
+        return {
+            "budget_tokens": self.budget,
+            "keep_ratio": o.keep_ratio,
+            "latents_per_consolidation": o.n_latents,
+            "tau": "not calibrated (flashmem calibrate)"
+            if self.tau is None
+            else round(self.tau, 4),
+            "in_reply_insertion": "on" if o.inject_in_reply else "off",
+            "consolidator": weights_status(self.file),
+        }
+
+
+def weights_status(file: ModelFile) -> str:
+    """How the model's consolidator weights stand, for `models info` and /memory."""
+    path = weights_path(models_dir(), file.path.stem)
+    if not path.is_file():
+        return "none yet (created untrained on first consolidation)"
+    weights = load_weights(path)
+    if weights.model_fingerprint != file.fingerprint:
+        return f"{path.name} is for another model"
+    state = "trained" if weights.trained else "UNTRAINED (initialised from the model)"
+    return f"{state}, int8, {weights.n_params() / 1e6:.1f} M parameters, format v{weights.version}"

@@ -1,0 +1,295 @@
+"""FlashMem memory on the real default model: the attention tap's mass, moving latents into
+place, int8 consolidator weights, bounded context in chat, resume, and the CLI surface."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+from conftest import run_cli, run_json
+
+from flashmem_cli.chat.conversation import ChatOptions, open_conversation
+from flashmem_cli.chat.memory import MemoryOptions, global_layers
+from flashmem_cli.config import sessions_dir
+from flashmem_cli.engine.attention import AttentionCapture
+from flashmem_cli.engine.backend import Context, ContextParams, Model
+from flashmem_cli.engine.sampling import SamplingParams
+from flashmem_cli.engine.sequence import LATENT, KVSequence
+from flashmem_cli.memory.gguf_tensors import GGUFTensors
+from flashmem_cli.store.sessions import SessionStore
+
+TEXT = "<bos>The old lighthouse keeper climbed the stairs every night to light the lamp, and"
+FACTS = [
+    "My sister Oriane lives in Tromsø and keeps a parrot called Pimento.",
+    "Our boat is painted mustard yellow and is moored at berth 19.",
+]
+FILLER = [
+    f"Tell me something about {topic}, in a few sentences."
+    for topic in ("bread", "rivers", "bicycles", "tea", "glaciers", "printing", "owls", "maps")
+]
+
+
+def memory_options(**overrides):
+    base = {
+        "n_ctx": 512,
+        "n_threads": 2,
+        "n_predict": 32,
+        "sampling": SamplingParams(temperature=0),
+        "memory": MemoryOptions(enabled=True),
+    }
+    return ChatOptions(**{**base, **overrides})
+
+
+def test_tap_mass_sums_to_one_per_query_head_and_global_layer(model_path):
+    with Model(model_path, n_gpu_layers=0) as model:
+        info = model.info()
+        layers = global_layers(info)
+        assert layers == [5, 11, 17]
+        capture = AttentionCapture(info.n_layer - 1, layers, 256)
+        params = ContextParams(n_ctx=256, n_threads=2, eval_callback=capture.callback)
+        with Context(model, params) as ctx:
+            seq = KVSequence(ctx)
+            tokens = model.tokenize(TEXT)
+            seq.feed(tokens)
+            seq.feed(model.tokenize(" then"))
+            capture.check()
+    queries = len(tokens) + 1
+    assert capture.cell_mass.sum() == pytest.approx(queries * info.n_head * len(layers), rel=1e-4)
+    assert list(capture.visible_cells) == list(range(queries))
+    assert capture.last_rows is not None and capture.last_rows.shape[0] == info.n_head
+
+
+def test_a_block_moved_into_the_middle_and_removed_leaves_the_sequence_as_it_was(model_path):
+    """move_tail's shifts add up: park a block mid-sequence, remove it, and the next token's
+    logits are those of a sequence that never had it (up to re-roping in f16)."""
+    with Model(model_path, n_gpu_layers=0) as model:
+        tokens = model.tokenize(TEXT)
+        nxt = model.tokenize(" the")
+        with Context(model, ContextParams(n_ctx=256, n_threads=2)) as ctx:
+            seq = KVSequence(ctx)
+            seq.feed(tokens)
+            seq.feed(nxt)
+            expected = ctx.logits()
+        with Context(model, ContextParams(n_ctx=256, n_threads=2)) as ctx:
+            seq = KVSequence(ctx)
+            seq.feed(tokens)
+            seq.feed(model.tokenize(" stormy seas"))
+            seq.move_tail(2, 5)
+            assert seq.tokens[5:7] == model.tokenize(" stormy seas")
+            seq.drop(5, 7)
+            assert seq.tokens == tokens
+            seq.feed(nxt)
+            got = ctx.logits()
+    assert got.argmax() == expected.argmax()
+    assert np.corrcoef(got, expected)[0, 1] > 0.999
+
+
+def test_int8_consolidator_layer_reproduces_the_float_layer(model_path, tmp_path):
+    from flashmem_cli.chat.memory import layer_spec
+    from flashmem_cli.memory.consolidator import untrained_weights
+    from flashmem_cli.memory.layer import DecoderLayer
+    from flashmem_cli.memory.weights import load_weights, save_weights
+
+    with Model(model_path, n_gpu_layers=0) as model, GGUFTensors(model_path) as tensors:
+        info = model.info()
+        spec = layer_spec(info)
+        exact = untrained_weights(tensors, info.n_layer - 1, spec, info.n_embd, "fp")
+        save_weights(tmp_path / "w.npz", exact)
+        stored = load_weights(tmp_path / "w.npz")
+    assert not stored.trained and stored.model_fingerprint == "fp"
+
+    def layer(weights):
+        t = weights.tensors
+        return DecoderLayer(
+            spec, {n: t["w_q" if n == "attn_q" else f"layer.{n}"] for n in DecoderLayer_names()}
+        )
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(info.n_embd).astype(np.float32) * 20
+    keys = rng.standard_normal((40, info.head_dim)).astype(np.float32)
+    values = rng.standard_normal((40, info.head_dim)).astype(np.float32)
+    a = layer(exact).forward(x, 40, keys, values)
+    b = layer(stored).forward(x, 40, keys, values)
+    assert np.corrcoef(a, b)[0, 1] > 0.999  # stated tolerance for int8 per-channel weights
+    assert np.abs(a - b).max() < 0.05 * np.abs(a).max()
+
+
+def DecoderLayer_names():  # noqa: N802 - the layer's weight names
+    from flashmem_cli.memory.layer import WEIGHTS
+
+    return WEIGHTS
+
+
+def feed_turns(conversation, messages):
+    return [conversation.send(text) for text in messages]
+
+
+def test_a_chat_consolidates_at_the_budget_and_resumes(home, model_path):
+    store = SessionStore(sessions_dir())
+    with open_conversation(store, "long", memory_options()) as conversation:
+        results = feed_turns(conversation, FACTS + FILLER)
+        layout, seq = conversation.layout, conversation.seq
+        budget = conversation.memory.budget
+        events = [e for r in results for e in r.memory["consolidations"]]
+        assert events, "a 512-token context must have consolidated"
+        assert layout.consolidated >= 2 and layout.dropped == 0
+        assert layout.n_tokens == len(seq)
+        assert seq.tokens.count(LATENT) >= 8
+        assert len(conversation.memory.latent_rows) == seq.tokens.count(LATENT)
+        for event in events:
+            assert event["kept"] + event["latents"] <= math.ceil(event["span_tokens"] * 0.25)
+        before_close = list(seq.tokens)
+        mass = conversation.memory.capture.cell_mass[conversation.memory.capture.visible_cells]
+        assert len(seq) <= conversation.n_ctx
+        assert all(len(r.memory["entropy"]) == r.generated_tokens for r in results)
+        assert budget == int(0.85 * conversation.n_ctx)
+
+    records = [json.loads(line) for line in (home / "sessions/long/transcript.jsonl").open()]
+    assert sum(r.get("event") == "memory" for r in records) == len(events)
+    assert [r["content"] for r in records if r.get("role") == "user"] == FACTS + FILLER
+
+    with open_conversation(store, "long", memory_options()) as conversation:
+        assert conversation.seq.tokens == before_close
+        restored = conversation.memory.capture.cell_mass[: len(before_close)]
+        np.testing.assert_allclose(restored, mass)
+        result = conversation.send("What is the parrot called?")
+        assert result.reply
+        assert conversation.layout.n_tokens == len(conversation.seq)
+        report = conversation.memory_report()
+        assert report["latent_blocks"] and report["events"]
+        assert "UNTRAINED" in report["settings"]["consolidator"]
+
+
+def is_subsequence(part, whole):
+    remaining = iter(whole)
+    return all(token in remaining for token in part)
+
+
+def test_keep_only_keeps_the_spans_own_tokens_in_order(home, model_path, monkeypatch):
+    from flashmem_cli.chat.memory import ConversationMemory
+
+    checked = []
+    original = ConversationMemory.consolidate
+
+    def consolidate(self, seq, start, end, reason="budget"):
+        span = list(seq.tokens[start:end])
+        event = original(self, seq, start, end, reason)
+        kept = seq.tokens[start : start + event["kept"]]
+        checked.append(len(kept) > 0 and is_subsequence(kept, span) and len(set(kept)) > 1)
+        return event
+
+    monkeypatch.setattr(ConversationMemory, "consolidate", consolidate)
+    options = memory_options(memory=MemoryOptions(enabled=True, n_latents=0))
+    with open_conversation(SessionStore(sessions_dir()), "keep", options) as conversation:
+        feed_turns(conversation, FACTS + FILLER)
+        assert conversation.layout.consolidated >= 1
+        assert LATENT not in conversation.seq.tokens
+    assert checked and all(checked)
+
+
+def test_in_reply_insertion_puts_latents_inside_the_reply(home, model_path):
+    memory = MemoryOptions(enabled=True, tau=0.0, inject_in_reply=True, max_consolidations=2)
+    with open_conversation(
+        SessionStore(sessions_dir()), "inject", memory_options(memory=memory)
+    ) as conversation:
+        result = conversation.send("Tell me a story about a lighthouse.")
+        kinds = [e["kind"] for e in result.memory["consolidations"]]
+        assert kinds == ["monitor", "monitor"]
+        assert result.memory["triggers"] == [0, 16]
+        assert conversation.seq.tokens.count(LATENT) == 16
+        assert "\ufffd" not in result.reply and result.generated_tokens == 32
+        second = conversation.send("And then?")
+        assert second.cached_tokens > 32 and second.generated_tokens > 0
+        assert conversation.layout.n_tokens == len(conversation.seq)
+
+
+def test_cli_json_reports_memory_and_no_memory(home, model_path):
+    flags = ["--temp", "0", "-n", "8", "-c", "512", "-t", "2"]
+    on = run_json("chat", "-s", "m", *flags, "-p", "Hello there")
+    assert on["memory"]["enabled"] is True
+    assert len(on["memory"]["entropy"]) == on["tokens"]["generated"]
+    assert on["memory"]["consolidations"] == []
+    off = run_json("chat", "-s", "n", *flags, "--no-memory", "-p", "Hello there")
+    assert off["memory"] == {"enabled": False, "consolidations": [], "entropy": [], "triggers": []}
+    assert off["reply"] == on["reply"]  # the tap and hidden states change nothing
+
+
+def test_cli_rejects_bad_memory_flags(home):
+    proc = run_cli("chat", "-s", "x", "--keep-ratio", "1.5", "-p", "hi")
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    proc = run_cli("eval", "recall", "/nonexistent.jsonl", "-c", "256")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.fixture()
+def models_home(tmp_path, monkeypatch, model_path):
+    """A models directory of its own, so calibration and weights do not touch models/."""
+    directory = tmp_path / "models"
+    directory.mkdir()
+    (directory / model_path.name).symlink_to(model_path)
+    monkeypatch.setenv("FLASHMEM_MODELS_DIR", str(directory))
+    return directory
+
+
+def test_calibrate_stores_tau_beside_the_model(home, models_home, tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(
+        "The river bends twice before the town.\n\nBread rises when yeast eats sugar.\n\n"
+        "Maps were drawn by hand for centuries."
+    )
+    result = run_json("calibrate", "--corpus", str(corpus))
+    assert result["tokens"] >= 16 and result["tau"] > 0
+    stored = json.loads((models_home / "gemma-3-270m-q4_k_m.calibration.json").read_text())
+    assert stored["tau"] == pytest.approx(result["tau"], abs=1e-3)
+    assert np.percentile(stored["entropies"], 85) == pytest.approx(result["tau"], abs=1e-3)
+    info = run_json("models", "info")
+    assert info["monitor_tau"] == pytest.approx(result["tau"], abs=1e-3)
+    assert info["consolidator"].startswith("none yet")
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"\xff\xfe\x00bad")
+    proc = run_cli("calibrate", "--corpus", str(bad))
+    assert proc.returncode == 1 and "not UTF-8" in proc.stderr
+
+
+def test_eval_recall_scores_every_policy(home, models_home, tmp_path):
+    filler = " ".join(f"Paragraph {i} is about nothing in particular." for i in range(3))
+    turns = [{"role": "user", "content": "My locker code is 7052 and my cat is Tamsk."}]
+    turns.append({"role": "assistant", "content": "Noted: locker 7052, cat Tamsk."})
+    for i in range(14):
+        turns.append({"role": "user", "content": f"Question {i}: {filler}"})
+        turns.append({"role": "assistant", "content": f"Answer {i}: {filler}"})
+    case = {
+        "id": "c1",
+        "turns": turns,
+        "probes": [{"question": "What is my cat's name?", "answer": "Tamsk"}],
+    }
+    path = tmp_path / "cases.jsonl"
+    path.write_text(json.dumps(case) + "\n")
+    result = run_json("eval", "recall", str(path), "-c", "512")
+    policies = result["cases"][0]["policies"]
+    assert set(policies) == {"full", "truncate", "flashmem", "keep-only", "latents-only"}
+    assert policies["full"]["n_ctx"] > 512 and policies["full"]["consolidations"] == 0
+    assert policies["truncate"]["turns_consolidated"] >= 1
+    assert policies["flashmem"]["compression"] >= 3.9
+    assert policies["full"]["mean"] > policies["truncate"]["mean"]
+    summary = result["summary"]
+    assert set(summary) >= {"mean_logprob", "gap_recovered", "gap_recovered_keep-only"}
+    assert os.path.exists(models_home / "gemma-3-270m-q4_k_m.consolidator.npz")
+
+
+def test_a_session_made_without_memory_consolidates_once_memory_is_on(home, model_path):
+    store = SessionStore(sessions_dir())
+    plain = memory_options(memory=MemoryOptions(enabled=False), n_ctx=1024)
+    with open_conversation(store, "late", plain) as conversation:
+        feed_turns(conversation, FACTS + FILLER[:6])
+        assert len(conversation.seq) > 400
+    assert not (home / "sessions/late/memory.npz").exists()
+    with open_conversation(store, "late", memory_options(n_ctx=1024)) as conversation:
+        conversation.memory.budget = 350
+        result = conversation.send("One more thing about owls?")
+        assert result.memory["consolidations"]
+        assert conversation.layout.n_tokens == len(conversation.seq) <= 350 + 64
