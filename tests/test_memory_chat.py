@@ -56,6 +56,11 @@ def test_tap_mass_sums_to_one_per_query_head_and_global_layer(model_path):
             seq.feed(tokens)
             seq.feed(model.tokenize(" then"))
             capture.check()
+        with Context(model, ContextParams(n_ctx=256, n_threads=2, hidden_states=True)) as ctx:
+            KVSequence(ctx).feed(tokens + model.tokenize(" then"))
+            hidden = ctx.hidden_state()
+    assert capture.last_hidden is not None  # read from the graph, without embeddings mode
+    np.testing.assert_allclose(capture.last_hidden, hidden, rtol=1e-3, atol=1e-3)
     queries = len(tokens) + 1
     assert capture.cell_mass.sum() == pytest.approx(queries * info.n_head * len(layers), rel=1e-4)
     assert list(capture.visible_cells) == list(range(queries))
@@ -293,3 +298,13 @@ def test_a_session_made_without_memory_consolidates_once_memory_is_on(home, mode
         result = conversation.send("One more thing about owls?")
         assert result.memory["consolidations"]
         assert conversation.layout.n_tokens == len(conversation.seq) <= 350 + 64
+
+
+def test_a_message_longer_than_one_batch_keeps_the_hidden_state(home, model_path):
+    """Prompt chunks that want no logits have no outputs: h_t comes from the last one."""
+    options = memory_options(n_ctx=2048, n_predict=4)
+    with open_conversation(SessionStore(sessions_dir()), "big", options) as conversation:
+        result = conversation.send("word " * 700)
+        assert result.new_prompt_tokens > 512
+        assert conversation.memory.last_hidden is not None
+        assert conversation.memory.last_hidden.shape == (conversation.model.n_embd,)

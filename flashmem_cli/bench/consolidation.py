@@ -41,9 +41,7 @@ def conversation_tokens(model: Model, n_tokens: int) -> list[int]:
 
 def fresh(model: Model, file: models.ModelFile, n_ctx: int) -> tuple[ConversationMemory, Context]:
     memory = ConversationMemory(model, file, MemoryOptions())
-    params = ContextParams(
-        n_ctx, n_threads=default_threads(), eval_callback=memory.eval_callback, hidden_states=True
-    )
+    params = ContextParams(n_ctx, n_threads=default_threads(), eval_callback=memory.eval_callback)
     ctx = Context(model, params)
     memory.attach(ctx.n_ctx)
     return memory, ctx
@@ -63,7 +61,7 @@ def time_consolidation(model: Model, file: models.ModelFile, tokens: list[int]) 
     memory, ctx = fresh(model, file, len(tokens) + 256)
     seq = KVSequence(ctx)
     seq.feed(tokens[:-1])
-    memory.note_decode(ctx)
+    memory.note_decode()
     memory.consolidator  # noqa: B018 - weights load once per process, not per consolidation
     start = time.perf_counter()
     memory.consolidate(seq, DEFAULT_SINKS, len(tokens) // 2)

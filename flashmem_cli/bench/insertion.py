@@ -40,20 +40,18 @@ def score(
     split = int(len(tokens) * 0.6)
     prefix, continuation = tokens[:split], tokens[split : split + n_cont]
     memory = ConversationMemory(model, file, options)
-    params = ContextParams(
-        1024, n_threads=default_threads(), eval_callback=memory.eval_callback, hidden_states=True
-    )
+    params = ContextParams(1024, n_threads=default_threads(), eval_callback=memory.eval_callback)
     with Context(model, params) as ctx:
         memory.attach(ctx.n_ctx)
         seq = KVSequence(ctx)
         seq.feed(prefix)
-        memory.note_decode(ctx)
+        memory.note_decode()
         memory.begin_reply()
         logprobs = []
         for step, token in enumerate(continuation):
             logprobs.append(log_softmax_at(ctx.logits_view(), token))
             seq.feed([token])
-            memory.note_decode(ctx)
+            memory.note_decode()
             if memory.observe_token(step) and options.inject_in_reply:
                 memory.inject(seq, step)
     memory.close()

@@ -4,8 +4,8 @@
 
 Both decode the same greedy continuation in a fresh context of the same size; "on" is what chat
 does with memory on: the eval callback reads the last layer's `kq_soft_max` row of each token
-(its sink-masked entropy is computed) and the attention mass on the global layers, and the
-final hidden state is kept. Runs alternate; medians are reported.
+(its sink-masked entropy is computed), the attention mass on the global layers and the final
+hidden state. Runs alternate; medians are reported.
 """
 
 from __future__ import annotations
@@ -52,7 +52,6 @@ def decode_speed(model: Model, n_tokens: int, monitored: bool) -> float:
         n_ctx=1024,
         n_threads=default_threads(),
         eval_callback=capture.callback if capture else None,
-        hidden_states=monitored,
     )
     with Context(model, params) as ctx, Sampler(SamplingParams(temperature=0)) as sampler:
         seq = KVSequence(ctx)
@@ -63,7 +62,6 @@ def decode_speed(model: Model, n_tokens: int, monitored: bool) -> float:
             if capture is not None and capture.last_rows is not None:
                 capture.check()
                 entropies.append(attention_entropy(capture.last_rows))
-                ctx.hidden_state()
         elapsed = time.perf_counter() - start
     if capture is not None:
         assert len(entropies) == n_tokens

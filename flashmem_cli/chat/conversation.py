@@ -135,7 +135,6 @@ class Conversation:
                 n_batch=self.options.n_batch,
                 n_threads=self.options.n_threads,
                 eval_callback=self.memory.eval_callback,
-                hidden_states=True,
             ),
         )
         self.memory.attach(ctx.n_ctx)  # llama.cpp pads the size it was asked for
@@ -475,7 +474,7 @@ class Conversation:
                 self.layout.turns.append(len(chunk.tokens))
             if tokens:
                 self.seq.feed(tokens)
-                self.memory.note_decode(self.ctx)
+                self.memory.note_decode()
             fed += len(tokens)
         return fed
 
@@ -561,7 +560,7 @@ class Conversation:
         """The Cognitive Monitor: entropy of each reply token; latents where it fires (when
         in-reply insertion is on and they fit)."""
         assert self.memory is not None
-        self.memory.note_decode(self.ctx)
+        self.memory.note_decode()
         if not self.memory.observe_token(step) or not self.memory.options.inject_in_reply:
             return
         if self.seq.free > self.memory.options.n_latents + 1:
@@ -574,7 +573,7 @@ class Conversation:
         if len(closing) <= self.seq.free and self.layout.turns:
             self.seq.feed(closing)
             if self.memory is not None:
-                self.memory.note_decode(self.ctx)
+                self.memory.note_decode()
             self.layout.turns[-1] += generated + len(closing)
         else:  # no room even alone: this turn leaves the cache too (the transcript keeps it)
             self.seq.drop(self.layout.pinned, len(self.seq))

@@ -17,7 +17,7 @@ import numpy as np
 
 from flashmem_cli.config import models_dir
 from flashmem_cli.engine.attention import AttentionCapture
-from flashmem_cli.engine.backend import Context, Model, ModelInfo
+from flashmem_cli.engine.backend import Model, ModelInfo
 from flashmem_cli.engine.sequence import LATENT, KVSequence
 from flashmem_cli.errors import EngineError, FlashmemError
 from flashmem_cli.memory.budget import (
@@ -148,10 +148,10 @@ class ConversationMemory:
 
     # -- the monitor ------------------------------------------------------------------------
 
-    def note_decode(self, ctx: Context) -> None:
+    def note_decode(self) -> None:
         """After each decode of the conversation's own tokens: surface tap errors, keep h_t."""
         self.capture.check()
-        self.last_hidden = ctx.hidden_state()
+        self.last_hidden = self.capture.last_hidden
 
     def begin_reply(self) -> None:
         self.reply_entropies = []
@@ -189,15 +189,17 @@ class ConversationMemory:
         n_latents = self.options.n_latents
         n_keep = kept_count(end - start, self.options.keep_ratio, n_latents)
         kept = positions_to_keep(mass, start, end, n_keep)
-        latents = self._latents(seq, full, end, n_latents) if n_latents else None
         cell_of = np.empty(len(seq), dtype=np.int64)
         cell_of[full.positions] = self.capture.visible_cells
+        latents = self._latents(seq, full, end, n_latents) if n_latents else None
+        if latents is not None:  # written while the span is still in the cache
+            self._insert_latents(seq, latents, at=len(seq))
         for a, b in dropped_runs(start, end, kept):
             self.capture.forget_cells(cell_of[a:b])
             self._forget_latent_rows(seq, a, b)
             seq.drop(a, b)
         if latents is not None:
-            self._insert_latents(seq, latents, at=start)
+            self._move_latents(seq, len(latents), to=start)
         event = {
             "kind": reason,
             "span": [start, end],
@@ -272,18 +274,25 @@ class ConversationMemory:
             raise EngineError("cannot recover the hidden state of a cache that ends in a latent")
         self.drop(seq, len(seq) - 1, len(seq))
         seq.feed([last])
-        self.note_decode(seq.ctx)
+        self.note_decode()
 
     def _insert_latents(self, seq: KVSequence, rows: np.ndarray, at: int) -> None:
-        ordinal = seq.tokens[:at].count(LATENT)
+        """Decode latents at the end of the sequence, then move them to position `at`."""
         self.capture.track_mass = False  # the latents' own queries are not the conversation's
         try:
             seq.feed_embeddings(rows)
             self.capture.check()
         finally:
             self.capture.track_mass = True
-        seq.move_tail(len(rows), at)
-        self.latent_rows = np.insert(self.latent_rows, ordinal, rows, axis=0)
+        self.latent_rows = np.concatenate([self.latent_rows, rows.astype(np.float32)])
+        self._move_latents(seq, len(rows), at)
+
+    def _move_latents(self, seq: KVSequence, count: int, to: int) -> None:
+        """Move the last `count` cells (latents) to `to`, keeping their rows in position order."""
+        ordinal = seq.tokens[:to].count(LATENT)
+        seq.move_tail(count, to)
+        moved, rest = self.latent_rows[-count:], self.latent_rows[:-count]
+        self.latent_rows = np.concatenate([rest[:ordinal], moved, rest[ordinal:]])
 
     def _forget_latent_rows(self, seq: KVSequence, start: int, end: int) -> None:
         first = seq.tokens[:start].count(LATENT)

@@ -7,7 +7,10 @@
   every query and head since the cell was filled (prompt processing included);
 - `visible_cells`: the cells the batch's last token could see, ascending - for a single
   sequence, all of its cells; `llama_state_seq_get_data` lists the same cells in the same
-  order, which is how a cell's mass is matched to its position.
+  order, which is how a cell's mass is matched to its position;
+- `last_hidden`: the final normed hidden state of the batch's last output (`result_norm`). Read
+  here rather than with `embeddings = true`, which makes llama.cpp compute the logits of every
+  prompt token (it doubled prompt processing here).
 Cells are not positions: after a removal and a shift new tokens reuse freed cells.
 """
 
@@ -24,6 +27,8 @@ from flashmem_cli.engine.ggml import (
     read_row,
 )
 
+HIDDEN_NODE = "result_norm"
+
 
 class AttentionCapture:
     def __init__(self, last_layer: int, mass_layers: list[int], n_cells: int):
@@ -31,9 +36,11 @@ class AttentionCapture:
         self.mass_names = {f"kq_soft_max-{layer}" for layer in mass_layers}
         self.cell_mass = np.zeros(n_cells, dtype=np.float64)
         self.last_rows: np.ndarray | None = None
+        self.last_hidden: np.ndarray | None = None
         self.visible_cells = np.empty(0, dtype=np.int64)
         self.track_mass = True
-        self.tap = NodeTap({self.last_name, *self.mass_names}, self._on_node)
+        names = {self.last_name, HIDDEN_NODE, *self.mass_names}
+        self.tap = NodeTap(names, self._on_node)
 
     @property
     def callback(self) -> object:
@@ -49,6 +56,11 @@ class AttentionCapture:
         self.visible_cells = np.setdiff1d(self.visible_cells, cells, assume_unique=True)
 
     def _on_node(self, name: str, ptr: int) -> None:
+        if name == HIDDEN_NODE:
+            rows = read_f32(ptr).reshape(-1, int(GgmlTensor.from_address(ptr).ne[0]))
+            if len(rows):  # a prompt chunk that wants no logits has no outputs
+                self.last_hidden = rows[-1]
+            return
         tensor = GgmlTensor.from_address(ptr)
         n_kv, n_tokens = int(tensor.ne[0]), int(tensor.ne[1])
         if name == self.last_name:
