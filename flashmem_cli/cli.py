@@ -94,6 +94,17 @@ LatentsOpt = Annotated[
     int,
     typer.Option("--latents", help="Latent memory tokens per consolidation (K).", min=0, max=64),
 ]
+ChatLatentsOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--latents",
+        help="Latent memory tokens per consolidation (K). Default: 8 once the model's "
+        "consolidator is trained; 0 while it is untrained (its latents lowered recall: README).",
+        min=0,
+        max=64,
+        show_default=False,
+    ),
+]
 BudgetOpt = Annotated[
     float,
     typer.Option(
@@ -190,7 +201,7 @@ def chat(
             "turns when the context fills.",
         ),
     ] = True,
-    latents: LatentsOpt = 8,
+    latents: ChatLatentsOpt = None,
     tau: Annotated[
         float | None,
         typer.Option("--tau", help="Monitor threshold (default: the model's calibration)."),

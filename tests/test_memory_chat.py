@@ -38,7 +38,7 @@ def memory_options(**overrides):
         "n_threads": 2,
         "n_predict": 32,
         "sampling": SamplingParams(temperature=0),
-        "memory": MemoryOptions(enabled=True),
+        "memory": MemoryOptions(enabled=True, n_latents=8),
     }
     return ChatOptions(**{**base, **overrides})
 
@@ -308,3 +308,45 @@ def test_a_message_longer_than_one_batch_keeps_the_hidden_state(home, model_path
         assert result.new_prompt_tokens > 512
         assert conversation.memory.last_hidden is not None
         assert conversation.memory.last_hidden.shape == (conversation.model.n_embd,)
+
+
+def test_a_full_cache_is_trimmed_before_its_latents_are_written(model_path):
+    from flashmem_cli.chat.memory import ConversationMemory
+    from flashmem_cli.models import describe
+
+    file = describe(model_path)
+    with Model(model_path, n_gpu_layers=0) as model:
+        memory = ConversationMemory(model, file, MemoryOptions(n_latents=8))
+        params = ContextParams(n_ctx=256, n_threads=2, eval_callback=memory.eval_callback)
+        with Context(model, params) as ctx:
+            memory.attach(ctx.n_ctx)
+            seq = KVSequence(ctx)
+            tokens = (model.tokenize(TEXT) * 40)[: ctx.n_ctx]
+            seq.feed(tokens)
+            memory.note_decode()
+            assert seq.free == 0
+            event = memory.consolidate(seq, 4, 200)
+            assert event["latents"] == 8 and event["kept"] == 49 - 8
+            assert len(seq) == ctx.n_ctx - 196 + 49
+            assert seq.tokens[4:12] == [LATENT] * 8
+            assert seq.tokens[-56:] == tokens[-56:]
+            seq.feed(model.tokenize(" and"))  # the cache goes on
+        memory.close()
+
+
+def test_untrained_weights_write_no_latents_at_the_budget_unless_asked(models_home, model_path):
+    from flashmem_cli.chat.memory import latents_at_budget
+    from flashmem_cli.memory.weights import ConsolidatorWeights, save_weights, weights_path
+    from flashmem_cli.models import describe
+
+    file = describe(model_path)
+    assert latents_at_budget(file, None) == 0  # no weights yet: they would be untrained
+    assert latents_at_budget(file, 8) == 8
+    path = weights_path(models_home, file.path.stem)
+    tensors = {"w_q": np.eye(4, dtype=np.float32)}
+    save_weights(path, ConsolidatorWeights(tensors, False, file.fingerprint, 17))
+    assert latents_at_budget(file, None) == 0
+    save_weights(path, ConsolidatorWeights(tensors, True, file.fingerprint, 17))
+    assert latents_at_budget(file, None) == 8
+    save_weights(path, ConsolidatorWeights(tensors, True, "another model", 17))
+    assert latents_at_budget(file, None) == 0

@@ -22,6 +22,7 @@ from flashmem_cli.bench.recall_cases import RecallCase, mean_gap_recovered
 from flashmem_cli.chat.conversation import ChatOptions, Conversation, LoadedModel
 from flashmem_cli.chat.memory import MemoryOptions
 from flashmem_cli.engine.sampling import SamplingParams
+from flashmem_cli.memory.consolidator import DEFAULT_LATENTS
 from flashmem_cli.store.sessions import SessionStore
 
 POLICIES = ("full", "truncate", "flashmem", "keep-only", "latents-only")
@@ -36,6 +37,9 @@ class RecallSettings:
 
 
 def policy_memory(policy: str, memory: MemoryOptions) -> MemoryOptions:
+    """The flashmem policy always writes latents (DEFAULT_LATENTS unless told otherwise), even
+    where chat's default writes none for an untrained consolidator: it is the method on test."""
+    k = DEFAULT_LATENTS if memory.n_latents is None else memory.n_latents
     if policy == "full":
         return replace(memory, enabled=False)
     if policy == "truncate":
@@ -43,8 +47,8 @@ def policy_memory(policy: str, memory: MemoryOptions) -> MemoryOptions:
     if policy == "keep-only":
         return replace(memory, enabled=True, n_latents=0)
     if policy == "latents-only":
-        return replace(memory, enabled=True, keep_ratio=0.0)
-    return replace(memory, enabled=True)
+        return replace(memory, enabled=True, keep_ratio=0.0, n_latents=k)
+    return replace(memory, enabled=True, n_latents=k)
 
 
 def run_recall(
@@ -65,7 +69,7 @@ def run_recall(
         "ctx_size": settings.n_ctx,
         "budget": settings.memory.budget,
         "keep_ratio": settings.memory.keep_ratio,
-        "latents": settings.memory.n_latents,
+        "latents": policy_memory("flashmem", settings.memory).n_latents,
         "cases": results,
         "summary": summarize(results, settings.policies),
     }

@@ -7,6 +7,8 @@ saves the cache, so a turn resumed in another process costs only its own tokens.
 from __future__ import annotations
 
 import shutil
+import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -490,7 +492,7 @@ class Conversation:
             needed,
             self.memory.budget,
             options.keep_ratio,
-            options.n_latents,
+            self.memory.latents_at_budget,
         )
         if count:
             start = max(layout.pinned + layout.memory, DEFAULT_SINKS)
@@ -503,7 +505,7 @@ class Conversation:
         """Fold positions [start, end) - the memory region's end or whole turns - into memory."""
         assert self.memory is not None
         layout = self.layout
-        if end - start <= self.memory.options.n_latents:
+        if end - start <= self.memory.latents_at_budget:
             return
         before = len(self.seq)
         event = self.memory.consolidate(self.seq, start, end, "turns" if turns else "memory")
@@ -544,12 +546,18 @@ class Conversation:
             self.memory.begin_reply()
             after_feed = self._after_reply_token
         try:
-            for response in stream_generate(self.seq, sampler, self.options.n_predict, after_feed):
-                if first_token_ms is None:
-                    first_token_ms = _ms(start)
-                if response.text and on_text:
-                    on_text(response.text)
-                finish = response.finish_reason or finish
+            with CtrlC() as ctrl_c:
+                for response in stream_generate(
+                    self.seq, sampler, self.options.n_predict, after_feed
+                ):
+                    if first_token_ms is None:
+                        first_token_ms = _ms(start)
+                    if response.text and on_text:
+                        on_text(response.text)
+                    finish = response.finish_reason or finish
+                    if ctrl_c.pressed:
+                        finish = "interrupted"
+                        break
         except KeyboardInterrupt:
             finish = "interrupted"
         finally:
@@ -563,7 +571,7 @@ class Conversation:
         self.memory.note_decode()
         if not self.memory.observe_token(step) or not self.memory.options.inject_in_reply:
             return
-        if self.seq.free > self.memory.options.n_latents + 1:
+        if self.seq.free > self.memory.latents_in_reply + 1:
             self.session.append({"event": "memory", **self.memory.inject(self.seq, step)})
 
     def _close_reply(self, messages: list[Message], generated: int) -> None:
@@ -612,6 +620,32 @@ class Conversation:
             "layout": self.layout.to_dict(),
         }
         self.session.save_meta()
+
+
+class CtrlC:
+    """While a reply streams, Ctrl-C sets a flag checked between tokens instead of raising.
+
+    A KeyboardInterrupt raised while llama.cpp runs the memory tap's Python callback can land
+    outside any handler (ctypes prints and drops it, and the graph stops half-way), so on the
+    main thread the signal is only noted. Elsewhere (no signal handlers) this does nothing."""
+
+    def __init__(self) -> None:
+        self.pressed = False
+        self._installed = False
+        self._previous: Any = signal.default_int_handler
+
+    def __enter__(self) -> CtrlC:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._note)
+            self._installed = True
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._installed:
+            signal.signal(signal.SIGINT, self._previous or signal.default_int_handler)
+
+    def _note(self, signum: int, frame: object) -> None:
+        self.pressed = True
 
 
 @dataclass(frozen=True)

@@ -49,7 +49,7 @@ MEMORY_FORMAT = 1
 @dataclass(frozen=True)
 class MemoryOptions:
     enabled: bool = True
-    n_latents: int = DEFAULT_LATENTS
+    n_latents: int | None = None  # None: DEFAULT_LATENTS, but none at the budget while untrained
     keep_ratio: float = DEFAULT_KEEP_RATIO
     budget: float = DEFAULT_BUDGET  # a fraction of n_ctx when <= 1, else tokens
     tau: float | None = None  # overrides the model's calibration
@@ -115,6 +115,8 @@ class ConversationMemory:
         self.options = options
         self.capture = AttentionCapture(self.info.n_layer - 1, global_layers(self.info), 0)
         self.budget = 0
+        self.latents_at_budget = latents_at_budget(file, options.n_latents)
+        self.latents_in_reply = DEFAULT_LATENTS if options.n_latents is None else options.n_latents
         self.tau = resolve_tau(file, options)
         self.last_hidden: np.ndarray | None = None
         self.latent_rows = np.zeros((0, self.info.n_embd), dtype=np.float32)
@@ -182,24 +184,29 @@ class ConversationMemory:
         """Fold positions [start, end) into memory: K latents written from the frozen cache,
         the span's most-attended positions kept, the rest removed and the gap closed."""
         began = time.perf_counter()
-        if self.last_hidden is None and self.options.n_latents:
+        n_latents = self.latents_at_budget
+        if self.last_hidden is None and n_latents:
             self._recompute_hidden(seq)
         full = self._full_cache(seq)
         mass = self._mass_by_position(full, len(seq))
-        n_latents = self.options.n_latents
         n_keep = kept_count(end - start, self.options.keep_ratio, n_latents)
         kept = positions_to_keep(mass, start, end, n_keep)
         cell_of = np.empty(len(seq), dtype=np.int64)
         cell_of[full.positions] = self.capture.visible_cells
         latents = self._latents(seq, full, end, n_latents) if n_latents else None
-        if latents is not None:  # written while the span is still in the cache
+        # written while the span is still in the cache, unless the cache is too full for them
+        early = latents is not None and len(latents) <= seq.free
+        if latents is not None and early:
             self._insert_latents(seq, latents, at=len(seq))
         for a, b in dropped_runs(start, end, kept):
             self.capture.forget_cells(cell_of[a:b])
             self._forget_latent_rows(seq, a, b)
             seq.drop(a, b)
         if latents is not None:
-            self._move_latents(seq, len(latents), to=start)
+            if early:
+                self._move_latents(seq, len(latents), to=start)
+            else:
+                self._insert_latents(seq, latents, at=start)
         event = {
             "kind": reason,
             "span": [start, end],
@@ -230,7 +237,7 @@ class ConversationMemory:
         """In-reply insertion: K latents from the whole frozen cache, appended where the reply is."""
         began = time.perf_counter()
         full = self._full_cache(seq)  # after a decode: h_t is current
-        latents = self._latents(seq, full, len(seq), self.options.n_latents)
+        latents = self._latents(seq, full, len(seq), self.latents_in_reply)
         self._insert_latents(seq, latents, at=len(seq))
         event = {
             "kind": "monitor",
@@ -345,13 +352,28 @@ class ConversationMemory:
         return {
             "budget_tokens": self.budget,
             "keep_ratio": o.keep_ratio,
-            "latents_per_consolidation": o.n_latents,
+            "latents_per_consolidation": self.latents_at_budget,
+            "latents_per_insertion": self.latents_in_reply,
             "tau": "not calibrated (flashmem calibrate)"
             if self.tau is None
             else round(self.tau, 4),
             "in_reply_insertion": "on" if o.inject_in_reply else "off",
             "consolidator": weights_status(self.file),
         }
+
+
+def latents_at_budget(file: ModelFile, requested: int | None) -> int:
+    """Latents per bounded-context consolidation: as asked, else DEFAULT_LATENTS once the
+    model's consolidator is trained and 0 before (untrained latents lowered recall at the same
+    cache footprint on the example recall file: README)."""
+    if requested is not None:
+        return requested
+    path = weights_path(models_dir(), file.path.stem)
+    if not path.is_file():
+        return 0
+    weights = load_weights(path)
+    trained = weights.trained and weights.model_fingerprint == file.fingerprint
+    return DEFAULT_LATENTS if trained else 0
 
 
 def weights_status(file: ModelFile) -> str:
