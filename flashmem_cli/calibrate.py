@@ -41,7 +41,7 @@ def measure_entropies(
     tap = NodeTap(
         [last_layer], lambda name, ptr: rows.append(attention_rows(ptr, batch_size(ptr) - 1))
     )
-    params = ContextParams(MAX_CONTEXT, n_threads=default_threads(), eval_callback=tap.callback)
+    params = ContextParams(MAX_CONTEXT, n_threads=default_threads(), tap=tap)
     entropies: list[float] = []
     with Context(model, params) as ctx, Sampler(SamplingParams(temperature=0)) as sampler:
         seq = KVSequence(ctx)

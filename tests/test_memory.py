@@ -56,7 +56,7 @@ def test_last_layer_attention_is_captured_as_llama_cpp_computes_it(model_path):
     tap = NodeTap(["kq_soft_max-17"], on_node)
     with Model(model_path, n_gpu_layers=0) as model:
         tokens = model.tokenize("<bos>The quick brown fox jumps over the lazy dog. It was")
-        params = ContextParams(n_ctx=256, n_threads=2, eval_callback=tap.callback)
+        params = ContextParams(n_ctx=256, n_threads=2, tap=tap)
         with Context(model, params) as ctx:
             seq = KVSequence(ctx)
             seq.feed(tokens)
@@ -94,6 +94,25 @@ def test_node_tap_matches_exact_names_only(names):
         assert tap._call(address, False, None) is True
     assert sorted(seen) == sorted(names)
     tap.check()
+
+
+def test_the_compiled_filter_forwards_only_wanted_nodes():
+    """`make install` builds engine/tapfilter.c; llama.cpp calls it for every graph node."""
+    import ctypes
+
+    from flashmem_cli.engine.ggml import GgmlTensor
+
+    seen = []
+    tap = NodeTap(["kq_soft_max-17", "result_norm"], lambda name, ptr: seen.append(name))
+    assert tap.filtered_in_c
+    for name in (b"kq_soft_max-17", b"kq_soft_max-1", b"result_norm", b"result_output"):
+        tensor = GgmlTensor()
+        tensor.name = name
+        address = ctypes.addressof(tensor)
+        wanted = name in (b"kq_soft_max-17", b"result_norm")
+        assert tap.callback(address, True, tap.user_data) is wanted
+        assert tap.callback(address, False, tap.user_data) is True
+    assert seen == ["kq_soft_max-17", "result_norm"]
 
 
 def test_gguf_rows_match_the_official_reader_on_a_few_rows(model_path):
@@ -142,7 +161,7 @@ def decode_one_token_capturing(model, names):
     captured: dict[str, list[np.ndarray]] = {}
     tap = NodeTap(names, lambda name, ptr: captured.setdefault(name, []).append(read_f32(ptr)))
     tokens = model.tokenize(PROMPT)
-    params = ContextParams(n_ctx=256, n_threads=2, eval_callback=tap.callback)
+    params = ContextParams(n_ctx=256, n_threads=2, tap=tap)
     with Context(model, params) as ctx:
         seq = KVSequence(ctx)
         seq.feed(tokens)

@@ -49,7 +49,7 @@ def test_tap_mass_sums_to_one_per_query_head_and_global_layer(model_path):
         layers = global_layers(info)
         assert layers == [5, 11, 17]
         capture = AttentionCapture(info.n_layer - 1, layers, 256)
-        params = ContextParams(n_ctx=256, n_threads=2, eval_callback=capture.callback)
+        params = ContextParams(n_ctx=256, n_threads=2, tap=capture.tap)
         with Context(model, params) as ctx:
             seq = KVSequence(ctx)
             tokens = model.tokenize(TEXT)
@@ -317,7 +317,7 @@ def test_a_full_cache_is_trimmed_before_its_latents_are_written(model_path):
     file = describe(model_path)
     with Model(model_path, n_gpu_layers=0) as model:
         memory = ConversationMemory(model, file, MemoryOptions(n_latents=8))
-        params = ContextParams(n_ctx=256, n_threads=2, eval_callback=memory.eval_callback)
+        params = ContextParams(n_ctx=256, n_threads=2, tap=memory.capture.tap)
         with Context(model, params) as ctx:
             memory.attach(ctx.n_ctx)
             seq = KVSequence(ctx)

@@ -40,8 +40,8 @@ def conversation_tokens(model: Model, n_tokens: int) -> list[int]:
 
 
 def fresh(model: Model, file: models.ModelFile, n_ctx: int) -> tuple[ConversationMemory, Context]:
-    memory = ConversationMemory(model, file, MemoryOptions())
-    params = ContextParams(n_ctx, n_threads=default_threads(), eval_callback=memory.eval_callback)
+    memory = ConversationMemory(model, file, MemoryOptions(n_latents=8))
+    params = ContextParams(n_ctx, n_threads=default_threads(), tap=memory.capture.tap)
     ctx = Context(model, params)
     memory.attach(ctx.n_ctx)
     return memory, ctx

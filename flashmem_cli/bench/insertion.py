@@ -40,7 +40,7 @@ def score(
     split = int(len(tokens) * 0.6)
     prefix, continuation = tokens[:split], tokens[split : split + n_cont]
     memory = ConversationMemory(model, file, options)
-    params = ContextParams(1024, n_threads=default_threads(), eval_callback=memory.eval_callback)
+    params = ContextParams(1024, n_threads=default_threads(), tap=memory.capture.tap)
     with Context(model, params) as ctx:
         memory.attach(ctx.n_ctx)
         seq = KVSequence(ctx)

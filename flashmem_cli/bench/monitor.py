@@ -51,7 +51,7 @@ def decode_speed(model: Model, n_tokens: int, monitored: bool) -> float:
     params = ContextParams(
         n_ctx=1024,
         n_threads=default_threads(),
-        eval_callback=capture.callback if capture else None,
+        tap=capture.tap if capture else None,
     )
     with Context(model, params) as ctx, Sampler(SamplingParams(temperature=0)) as sampler:
         seq = KVSequence(ctx)

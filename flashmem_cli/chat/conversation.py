@@ -136,7 +136,7 @@ class Conversation:
                 n_ctx,
                 n_batch=self.options.n_batch,
                 n_threads=self.options.n_threads,
-                eval_callback=self.memory.eval_callback,
+                tap=self.memory.capture.tap,
             ),
         )
         self.memory.attach(ctx.n_ctx)  # llama.cpp pads the size it was asked for

@@ -132,10 +132,6 @@ class ConversationMemory:
         self.capture.cell_mass = np.zeros(n_ctx)
         self.budget = budget_tokens(self.options.budget, n_ctx)
 
-    @property
-    def eval_callback(self) -> object:
-        return self.capture.callback
-
     def close(self) -> None:
         if self._tensors is not None:
             self._tensors.close()

@@ -42,10 +42,6 @@ class AttentionCapture:
         names = {self.last_name, HIDDEN_NODE, *self.mass_names}
         self.tap = NodeTap(names, self._on_node)
 
-    @property
-    def callback(self) -> object:
-        return self.tap.callback
-
     def check(self) -> None:
         """Raise what a callback raised during the last decode."""
         self.tap.check()

@@ -13,6 +13,7 @@ from pathlib import Path
 import llama_cpp as lc
 import numpy as np
 
+from flashmem_cli.engine.ggml import NodeTap
 from flashmem_cli.errors import EngineError, ModelNotFound
 
 _log_callback_ref = None
@@ -183,7 +184,7 @@ class ContextParams:
     n_threads: int = 2
     n_seq_max: int = 1
     flash_attn: bool = False
-    eval_callback: object | None = None  # a NodeTap's callback (engine/ggml.py)
+    tap: NodeTap | None = None  # reads graph nodes as they are computed (engine/ggml.py)
     hidden_states: bool = False  # keep the final (normed) hidden state of output tokens
 
 
@@ -218,11 +219,11 @@ class Context:
         if params.hidden_states:
             cparams.embeddings = True
             cparams.pooling_type = lc.LLAMA_POOLING_TYPE_NONE
-        if params.eval_callback is not None:
+        if params.tap is not None:
             if params.flash_attn:
                 raise EngineError("reading attention needs flash attention off")
-            cparams.cb_eval = params.eval_callback
-            cparams.cb_eval_user_data = None
+            cparams.cb_eval = params.tap.callback
+            cparams.cb_eval_user_data = params.tap.user_data
         # One pool of cells for all sequences, so a shared prefix is stored once (seq_cp tags).
         cparams.kv_unified = params.n_seq_max > 1
         self.model = model

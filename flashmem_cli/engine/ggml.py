@@ -10,6 +10,8 @@ ne = [n_kv, n_tokens, n_head] (f32; masked cells are 0; n_kv is padded).
 from __future__ import annotations
 
 import ctypes
+import importlib.machinery
+import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -99,11 +101,41 @@ def batch_size(ptr: int) -> int:
     return int(GgmlTensor.from_address(ptr).ne[1])
 
 
+TAP_MAX_NAMES, TAP_NAME_LEN = 8, 64  # as in tapfilter.c
+
+
+class _TapFilter(ctypes.Structure):
+    _fields_ = [
+        ("forward", lc.ggml_backend_sched_eval_callback),
+        ("name_offset", ctypes.c_long),
+        ("n_names", ctypes.c_int),
+        ("names", (ctypes.c_char * TAP_NAME_LEN) * TAP_MAX_NAMES),
+    ]
+
+
+def _load_tap_filter() -> ctypes.CDLL | None:
+    """The compiled name filter (engine/tapfilter.c), unless absent or FLASHMEM_PY_TAP is set."""
+    if os.environ.get("FLASHMEM_PY_TAP"):
+        return None
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        path = Path(__file__).with_name(f"_tapfilter{suffix}")
+        if path.is_file():
+            try:
+                return ctypes.CDLL(str(path))
+            except OSError:
+                return None
+    return None
+
+
+_tap_filter_lib = _load_tap_filter()
+
+
 class NodeTap:
     """Hands the graph nodes named `names` to `on_node(name, ptr)` once they are computed.
 
-    Pass `tap.callback` as the context's eval callback. llama.cpp asks about every node
-    (~800 per decoded token here), so the check is one fixed-width read and a set lookup.
+    Give the tap to the context (ContextParams.tap): llama.cpp asks about every node (~800 per
+    decoded token here). The compiled filter answers for unwanted nodes in C; without it
+    (`filtered_in_c` False) each question is one fixed-width read and a set lookup in Python.
     """
 
     def __init__(self, names: Iterable[str], on_node: Callable[[str, int], None]):
@@ -114,7 +146,19 @@ class NodeTap:
         self._width = max(widths)
         self._on_node = on_node
         self.error: BaseException | None = None  # raised in a callback; see `check`
-        self.callback = lc.ggml_backend_sched_eval_callback(self._call)
+        self._python = lc.ggml_backend_sched_eval_callback(self._call)
+        self.callback = self._python
+        self.user_data: ctypes.c_void_p | None = None
+        self.filtered_in_c = _tap_filter_lib is not None and len(self.names) <= TAP_MAX_NAMES
+        if self.filtered_in_c:
+            self._filter = _TapFilter(self._python, NAME_OFFSET, len(self.names))
+            for i, name in enumerate(sorted(self.names)):
+                self._filter.names[i].value = name
+            self.callback = ctypes.cast(
+                _tap_filter_lib.flashmem_tap_filter,  # type: ignore[union-attr]
+                lc.ggml_backend_sched_eval_callback,
+            )
+            self.user_data = ctypes.cast(ctypes.pointer(self._filter), ctypes.c_void_p)
 
     def check(self) -> None:
         """Re-raise, after the decode, what `on_node` raised inside llama.cpp's callback."""
