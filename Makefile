@@ -11,7 +11,7 @@ install: $(STAMP) $(MODEL)
 
 # llama-cpp-python compiles llama.cpp (about 5 minutes on 2 cores; pip caches the wheel).
 # GPU builds: CMAKE_ARGS="-DGGML_METAL=on" make install (macOS), or -DGGML_CUDA=on.
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml flashmem_cli/engine/tapfilter.c
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install -e '.[model,dev]'

@@ -599,7 +599,8 @@ def sessions_show(name: str, as_json: Annotated[bool, typer.Option("--json")] = 
     console.print(
         f"[bold]{name}[/] · model {(meta.get('model') or {}).get('name', '-')} · "
         f"-c {meta.get('n_ctx')} · {kv.get('n_tokens', 0)} tokens cached · "
-        f"{(kv.get('layout') or {}).get('dropped', 0)} turns dropped from the cache"
+        f"{(kv.get('layout') or {}).get('consolidated', 0)} turns consolidated, "
+        f"{(kv.get('layout') or {}).get('dropped', 0)} dropped from the cache"
     )
     for message in conversation_messages(records):
         console.print(f"[bold]{message['role']}>[/] ", end="")

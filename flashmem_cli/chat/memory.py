@@ -376,7 +376,7 @@ def weights_status(file: ModelFile) -> str:
     """How the model's consolidator weights stand, for `models info` and /memory."""
     path = weights_path(models_dir(), file.path.stem)
     if not path.is_file():
-        return "none yet (created untrained on first consolidation)"
+        return "none yet (created untrained when latents are first written)"
     weights = load_weights(path)
     if weights.model_fingerprint != file.fingerprint:
         return f"{path.name} is for another model"
