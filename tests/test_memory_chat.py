@@ -132,7 +132,7 @@ def feed_turns(conversation, messages):
     return [conversation.send(text) for text in messages]
 
 
-def test_a_chat_consolidates_at_the_budget_and_resumes(home, model_path):
+def test_a_chat_consolidates_at_the_budget_and_resumes(home, model_path, capsys):
     store = SessionStore(sessions_dir())
     with open_conversation(store, "long", memory_options()) as conversation:
         results = feed_turns(conversation, FACTS + FILLER)
@@ -166,6 +166,12 @@ def test_a_chat_consolidates_at_the_budget_and_resumes(home, model_path):
         report = conversation.memory_report()
         assert report["latent_blocks"] and report["events"]
         assert "UNTRAINED" in report["settings"]["consolidator"]
+
+    from flashmem_cli.cli import print_memory
+
+    print_memory(report)  # what /memory shows in the REPL
+    shown = capsys.readouterr().out
+    assert "latent block" in shown and "consolidated" in shown and "UNTRAINED" in shown
 
 
 def is_subsequence(part, whole):
