@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -237,6 +238,7 @@ def chat(
         raise FlashmemError("--stateless and --rebuild exclude each other")
     if n_predict == 0:
         raise FlashmemError("-n must be -1 (no limit) or a positive number of tokens")
+    check_budget(budget)
     if prompt is None and not sys.stdin.isatty():
         prompt = sys.stdin.read().removesuffix("\n")
     options = ChatOptions(
@@ -318,6 +320,11 @@ def report_turn(result: TurnResult) -> None:
         err_console.print("[dim](reply cut at the token limit)[/]")
 
 
+def check_budget(budget: float) -> None:
+    if not math.isfinite(budget):
+        raise FlashmemError("--budget must be a fraction of -c (up to 1) or a number of tokens")
+
+
 def describe_event(event: dict[str, Any]) -> str:
     if event["kind"] == "monitor":
         return (
@@ -350,12 +357,12 @@ def repl(conversation: Conversation) -> None:
         text = read_message()
         if text is None or text.strip() == "/exit":
             return
-        if text.strip().startswith("/"):
-            run_slash_command(conversation, text.strip())
-            continue
         if not text.strip():
             continue
         try:
+            if text.strip().startswith("/"):
+                run_slash_command(conversation, text.strip())
+                continue
             console.print("[bold cyan]model>[/] ", end="")
             result = conversation.send(
                 text, on_text=lambda piece: console.out(piece, end="", highlight=False)
@@ -771,6 +778,7 @@ def eval_recall(
     from flashmem_cli.bench.recall_cases import parse_cases
     from flashmem_cli.chat.conversation import load_model
 
+    check_budget(budget)
     chosen = tuple(p.strip() for p in policies.split(",") if p.strip())
     unknown = [p for p in chosen if p not in POLICIES]
     if unknown or not chosen:
@@ -798,11 +806,15 @@ def eval_recall(
 
 
 def print_recall(result: dict[str, Any], policies: tuple[str, ...]) -> None:
+    def shown(value: float | None) -> str:
+        return "-" if value is None else f"{value:.3f}"
+
     table = Table("case", *policies, title="mean log-prob per answer token (higher is better)")
     for case in result["cases"]:
-        table.add_row(case["id"], *(f"{case['policies'][p]['mean']:.3f}" for p in policies))
+        table.add_row(case["id"], *(shown(case["policies"][p]["mean"]) for p in policies))
     summary = result["summary"]
-    table.add_row("[bold]all[/]", *(f"[bold]{summary['mean_logprob'][p]:.3f}[/]" for p in policies))
+    means = summary.get("mean_logprob", {})
+    table.add_row("[bold]all[/]", *(f"[bold]{shown(means.get(p))}[/]" for p in policies))
     console.print(table)
     for key, value in summary.items():
         if key.startswith("gap_recovered") or key.startswith("probes"):

@@ -356,3 +356,41 @@ def test_untrained_weights_write_no_latents_at_the_budget_unless_asked(models_ho
     assert latents_at_budget(file, None) == 8
     save_weights(path, ConsolidatorWeights(tensors, True, "another model", 17))
     assert latents_at_budget(file, None) == 0
+
+
+def test_a_message_too_big_beside_the_memory_region_pushes_memory_out(home, model_path):
+    options = memory_options(memory=MemoryOptions(enabled=True, keep_ratio=0.5), n_predict=8)
+    with open_conversation(SessionStore(sessions_dir()), "crowded", options) as conversation:
+        feed_turns(conversation, [f"Short note {i} about the garden." for i in range(20)])
+        assert conversation.layout.memory > 0
+        result = conversation.send("word " * 450)
+        assert result.new_prompt_tokens > 450 and result.generated_tokens > 0
+        layout = conversation.layout
+        assert layout.memory == 0 and layout.n_tokens == len(conversation.seq)
+        conversation.send("And now?")
+        assert conversation.layout.n_tokens == len(conversation.seq)
+
+
+def test_inject_with_no_latents_does_nothing(home, model_path):
+    memory = MemoryOptions(enabled=True, tau=0.0, inject_in_reply=True, n_latents=0)
+    with open_conversation(
+        SessionStore(sessions_dir()), "none", memory_options(memory=memory)
+    ) as conversation:
+        result = conversation.send("Tell me a story.")
+        assert result.memory["triggers"] and not result.memory["consolidations"]
+        assert LATENT not in conversation.seq.tokens
+
+
+def test_a_damaged_memory_file_is_set_aside_not_fatal(home, model_path):
+    store = SessionStore(sessions_dir())
+    with open_conversation(store, "damaged", memory_options()) as conversation:
+        feed_turns(conversation, FACTS)
+    (home / "sessions/damaged/memory.npz").write_bytes(b"not a zip")
+    with open_conversation(store, "damaged", memory_options()) as conversation:
+        assert conversation.memory.capture.cell_mass.sum() == 0  # mass starts over
+        assert conversation.send("And?").generated_tokens > 0
+
+
+def test_an_infinite_budget_is_a_clear_error(home):
+    proc = run_cli("chat", "-s", "x", "--budget", "inf", "-p", "hi")
+    assert proc.returncode == 1 and "--budget" in proc.stderr and "Traceback" not in proc.stderr

@@ -169,3 +169,22 @@ def test_mean_gap_recovered_skips_unhurt_probes() -> None:
 def test_mean_gap_recovered_is_none_without_hurt_probes() -> None:
     assert mean_gap_recovered([], "flashmem") is None
     assert mean_gap_recovered([{"full": 0.3, "truncate": 0.3, "flashmem": 0.3}], "flashmem") is None
+
+
+def test_probes_that_did_not_fit_somewhere_are_compared_nowhere():
+    from flashmem_cli.bench.recall import summarize
+
+    def case(full, truncate, flashmem):
+        names = ("full", "truncate", "flashmem")
+        return {
+            "policies": {
+                n: {"probes": v} for n, v in zip(names, (full, truncate, flashmem), strict=True)
+            }
+        }
+
+    results = [case([-1.0, -1.0], [-3.0, -3.0], [-2.0, None])]
+    summary = summarize(results, ("full", "truncate", "flashmem"))
+    assert summary["probes"] == 1 and summary["probes_skipped"] == 1
+    assert summary["gap_recovered"] == 0.5
+    empty = summarize([case([None], [-3.0], [-2.0])], ("full", "truncate", "flashmem"))
+    assert empty == {"probes": 0, "probes_skipped": 1}

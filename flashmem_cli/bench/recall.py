@@ -22,11 +22,12 @@ from flashmem_cli.bench.recall_cases import RecallCase, mean_gap_recovered
 from flashmem_cli.chat.conversation import ChatOptions, Conversation, LoadedModel
 from flashmem_cli.chat.memory import MemoryOptions
 from flashmem_cli.engine.sampling import SamplingParams
+from flashmem_cli.errors import ContextOverflow
 from flashmem_cli.memory.consolidator import DEFAULT_LATENTS
 from flashmem_cli.store.sessions import SessionStore
 
 POLICIES = ("full", "truncate", "flashmem", "keep-only", "latents-only")
-PROBE_ROOM = 128  # tokens beyond a case's turns that `full` leaves for a probe
+PROBE_ROOM = 64  # tokens beyond a case's turns and its longest probe that `full` leaves
 
 
 @dataclass(frozen=True)
@@ -92,15 +93,13 @@ def run_policy(
             memory=policy_memory(policy, settings.memory),
         )
         with Conversation(session, loaded, options) as conversation:
-            scores = [
-                statistics.fmean(conversation.score_reply(p.question, p.answer))
-                for p in case.probes
-            ]
+            scores = [score_probe(conversation, p.question, p.answer) for p in case.probes]
+            scored = [s for s in scores if s is not None]
             events = conversation.memory.events if conversation.memory else []
             layout = conversation.layout
             return {
-                "probes": [round(s, 4) for s in scores],
-                "mean": round(statistics.fmean(scores), 4),
+                "probes": [None if s is None else round(s, 4) for s in scores],
+                "mean": round(statistics.fmean(scored), 4) if scored else None,
                 "n_ctx": conversation.n_ctx,
                 "kv_tokens": len(conversation.seq),
                 "consolidations": len(events),
@@ -111,9 +110,19 @@ def run_policy(
             }
 
 
+def score_probe(conversation: Conversation, question: str, answer: str) -> float | None:
+    """Mean log-prob per answer token; None when the probe does not fit beside the cache."""
+    try:
+        return statistics.fmean(conversation.score_reply(question, answer))
+    except ContextOverflow:
+        return None
+
+
 def case_tokens(loaded: LoadedModel, case: RecallCase) -> int:
+    """An upper estimate of the tokens `full` needs: turns, markers, the longest probe."""
     text = "".join(turn["content"] for turn in case.turns)
-    return len(loaded.model.tokenize(text)) + 8 * len(case.turns)
+    longest = max(len(loaded.model.tokenize(p.question + p.answer)) for p in case.probes)
+    return len(loaded.model.tokenize(text)) + 8 * len(case.turns) + longest
 
 
 def compression(events: list[dict[str, Any]]) -> float | None:
@@ -125,15 +134,23 @@ def compression(events: list[dict[str, Any]]) -> float | None:
 
 def summarize(results: list[dict[str, Any]], policies: tuple[str, ...]) -> dict[str, Any]:
     per_probe: list[dict[str, float]] = []
+    skipped = 0
     for case in results:
         n_probes = len(next(iter(case["policies"].values()))["probes"])
         for i in range(n_probes):
-            per_probe.append({p: case["policies"][p]["probes"][i] for p in policies})
+            probe = {p: case["policies"][p]["probes"][i] for p in policies}
+            if any(score is None for score in probe.values()):
+                skipped += 1  # did not fit under some policy: compared nowhere
+            else:
+                per_probe.append(probe)
+    if not per_probe:
+        return {"probes": 0, "probes_skipped": skipped}
     summary: dict[str, Any] = {
         "mean_logprob": {
             p: round(statistics.fmean(probe[p] for probe in per_probe), 4) for p in policies
         },
         "probes": len(per_probe),
+        "probes_skipped": skipped,
     }
     if {"full", "truncate"} <= set(policies):
         hurt = [probe for probe in per_probe if probe["full"] - probe["truncate"] >= 0.05]

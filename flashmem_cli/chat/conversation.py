@@ -428,7 +428,7 @@ class Conversation:
         """The user's own turn must fit beside the pinned head, or nothing is done at all."""
         final = chunks[-1]
         pinned = len(chunks[0].pinned) or self.layout.pinned
-        room = self.n_ctx - pinned - 1
+        room = self.n_ctx - pinned - 1  # memory and older turns leave the cache if need be
         if len(final.tokens) > room:
             raise ContextOverflow(
                 f"this message needs {len(final.tokens)} tokens but -c {self.n_ctx} leaves "
@@ -451,6 +451,8 @@ class Conversation:
             return len(head) + sum(len(chunk.tokens) for chunk in kept) + reserve
 
         self._make_room(needed())
+        if len(self.seq) + needed() - reserve > self.n_ctx:
+            self._drop_memory_region()
         while kept and len(self.seq) + needed() - (reserve if len(kept) == 1 else 0) > self.n_ctx:
             kept.pop(0)  # a turn never fed: the transcript has it
             self.layout.dropped += 1
@@ -470,13 +472,16 @@ class Conversation:
             self._consolidate_for(len(tokens) + (reserve if last else 0))
             self._make_room(len(tokens) + (reserve if last else 0))
             if len(self.seq) + len(tokens) > self.n_ctx:
+                self._drop_memory_region()
+            fits = len(self.seq) + len(tokens) <= self.n_ctx
+            if not fits:  # a turn never fed (never the user's own: _check_fits)
                 tokens = tokens[: len(head)] if i == 0 else []
-                self.layout.dropped += 1  # a turn never fed: the transcript has it
-            else:
-                self.layout.turns.append(len(chunk.tokens))
+                self.layout.dropped += 1
             if tokens:
                 self.seq.feed(tokens)
                 self.memory.note_decode()
+            if fits:
+                self.layout.turns.append(len(chunk.tokens))
             fed += len(tokens)
         return fed
 
@@ -533,6 +538,16 @@ class Conversation:
             self.layout.turns.pop(0)
             self.layout.dropped += 1
 
+    def _drop_memory_region(self) -> None:
+        """The last resort before a message could not be fed: memory leaves the cache too."""
+        start, end = self.layout.pinned, self.layout.pinned + self.layout.memory
+        if start < end:
+            if self.memory is not None:
+                self.memory.drop(self.seq, start, end)
+            else:
+                self.seq.drop(start, end)
+            self.layout.memory = 0
+
     def generate(
         self, turn: PendingTurn, on_text: Callable[[str], None] | None = None
     ) -> tuple[str, float]:
@@ -571,6 +586,8 @@ class Conversation:
         self.memory.note_decode()
         if not self.memory.observe_token(step) or not self.memory.options.inject_in_reply:
             return
+        if self.memory.latents_in_reply == 0:
+            return
         if self.seq.free > self.memory.latents_in_reply + 1:
             self.session.append({"event": "memory", **self.memory.inject(self.seq, step)})
 
@@ -584,8 +601,9 @@ class Conversation:
                 self.memory.note_decode()
             self.layout.turns[-1] += generated + len(closing)
         else:  # no room even alone: this turn leaves the cache too (the transcript keeps it)
-            self.seq.drop(self.layout.pinned, len(self.seq))
+            self._remove_tail(self.layout.pinned)
             self.layout.turns = []
+            self.layout.memory = 0
             self.layout.dropped += 1
         self.layout.messages += 1
 
@@ -593,6 +611,8 @@ class Conversation:
         """Feed a transcript's turns into an empty cache (a first start, --rebuild)."""
         self.seq.clear()
         self.layout = KVLayout()
+        if self.memory is not None:
+            self.memory.reset()
         self._feed(self._chunks([], messages, None))
 
     def _save(self) -> None:

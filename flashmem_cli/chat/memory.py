@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import math
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from flashmem_cli.chat.layout import tokens_digest
 from flashmem_cli.config import models_dir
 from flashmem_cli.engine.attention import AttentionCapture
 from flashmem_cli.engine.backend import Model, ModelInfo
@@ -225,9 +227,11 @@ class ConversationMemory:
         seq.drop(start, end)
 
     def reset(self) -> None:
+        """The cache was cleared: nothing it held is remembered."""
         self.capture.cell_mass[:] = 0.0
         self.capture.visible_cells = np.empty(0, dtype=np.int64)
         self.latent_rows = self.latent_rows[:0]
+        self.last_hidden = None
 
     def inject(self, seq: KVSequence, step: int) -> dict[str, Any]:
         """In-reply insertion: K latents from the whole frozen cache, appended where the reply is."""
@@ -313,6 +317,7 @@ class ConversationMemory:
                 f,
                 version=np.array(MEMORY_FORMAT),
                 n_tokens=np.array(len(seq)),
+                digest=np.array(tokens_digest(seq.tokens)),
                 latents=self.latent_rows,
                 latent_positions=np.array(positions, dtype=np.int64),
                 cell_mass=self.capture.cell_mass[self.capture.visible_cells],
@@ -333,8 +338,10 @@ class ConversationMemory:
             with np.load(path, allow_pickle=False) as data:
                 if int(data["version"]) != MEMORY_FORMAT or int(data["n_tokens"]) != n:
                     return False
+                if str(data["digest"]) != tokens_digest(seq.tokens):
+                    return False  # saved beside another state (a later --no-memory run)
                 latents, mass, hidden = data["latents"], data["cell_mass"], data["last_hidden"]
-        except (OSError, ValueError, KeyError):
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
             return False
         if len(mass) != n or len(latents) != seq.tokens.count(LATENT):
             return False

@@ -5,8 +5,8 @@
   Cognitive Monitor's entropy;
 - `cell_mass`: the attention each KV *cell* has received on the global layers, summed over
   every query and head since the cell was filled (prompt processing included);
-- `visible_cells`: the cells the batch's last token could see, ascending - for a single
-  sequence, all of its cells; `llama_state_seq_get_data` lists the same cells in the same
+- `visible_cells`: the cells the batch's last token could see on a global layer, ascending -
+  for a single sequence, all of its cells; `llama_state_seq_get_data` lists the same cells in the same
   order, which is how a cell's mass is matched to its position;
 - `last_hidden`: the final normed hidden state of the batch's last output (`result_norm`). Read
   here rather than with `embeddings = true`, which makes llama.cpp compute the logits of every
@@ -34,12 +34,14 @@ class AttentionCapture:
     def __init__(self, last_layer: int, mass_layers: list[int], n_cells: int):
         self.last_name = f"kq_soft_max-{last_layer}"
         self.mass_names = {f"kq_soft_max-{layer}" for layer in mass_layers}
+        # Cells are read from a global layer's mask: a windowed last layer sees only its window.
+        self.cells_name = f"kq_soft_max-{max(mass_layers)}" if mass_layers else self.last_name
         self.cell_mass = np.zeros(n_cells, dtype=np.float64)
         self.last_rows: np.ndarray | None = None
         self.last_hidden: np.ndarray | None = None
         self.visible_cells = np.empty(0, dtype=np.int64)
         self.track_mass = True
-        names = {self.last_name, HIDDEN_NODE, *self.mass_names}
+        names = {self.last_name, self.cells_name, HIDDEN_NODE, *self.mass_names}
         self.tap = NodeTap(names, self._on_node)
 
     def check(self) -> None:
@@ -61,6 +63,7 @@ class AttentionCapture:
         n_kv, n_tokens = int(tensor.ne[0]), int(tensor.ne[1])
         if name == self.last_name:
             self.last_rows = attention_rows(ptr, n_tokens - 1)
+        if name == self.cells_name:
             self.visible_cells = _visible_cells(tensor, n_kv, n_tokens - 1)
         if self.track_mass and name in self.mass_names:
             probs = self.last_rows if n_tokens == 1 and name == self.last_name else None
