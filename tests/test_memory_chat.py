@@ -394,3 +394,9 @@ def test_a_damaged_memory_file_is_set_aside_not_fatal(home, model_path):
 def test_an_infinite_budget_is_a_clear_error(home):
     proc = run_cli("chat", "-s", "x", "--budget", "inf", "-p", "hi")
     assert proc.returncode == 1 and "--budget" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_tau_percentile_without_a_calibration_is_a_clear_error(home, models_home):
+    proc = run_cli("chat", "-s", "x", "--tau-percentile", "90", "-p", "hi")
+    assert proc.returncode == 1 and "flashmem calibrate" in proc.stderr
+    assert "Traceback" not in proc.stderr

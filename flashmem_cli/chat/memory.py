@@ -78,6 +78,11 @@ def resolve_tau(file: ModelFile, options: MemoryOptions) -> float | None:
     if options.tau is not None:
         return options.tau
     calibration = load_calibration(calibration_path(models_dir(), file.path.stem), file.fingerprint)
+    if calibration is None and options.tau_percentile is not None:
+        raise FlashmemError(
+            f"--tau-percentile needs a calibration of {file.name}: run `flashmem calibrate -m "
+            f"{file.name}`, or give --tau"
+        )
     if calibration is None:
         return None
     if options.tau_percentile is not None:
