@@ -94,7 +94,7 @@ def test_a_block_moved_into_the_middle_and_removed_leaves_the_sequence_as_it_was
 
 def test_int8_consolidator_layer_reproduces_the_float_layer(model_path, tmp_path):
     from flashmem_cli.chat.memory import layer_spec
-    from flashmem_cli.memory.consolidator import untrained_weights
+    from flashmem_cli.memory.consolidator import layer_weights, untrained_weights
     from flashmem_cli.memory.layer import DecoderLayer
     from flashmem_cli.memory.weights import load_weights, save_weights
 
@@ -107,10 +107,7 @@ def test_int8_consolidator_layer_reproduces_the_float_layer(model_path, tmp_path
     assert not stored.trained and stored.model_fingerprint == "fp"
 
     def layer(weights):
-        t = weights.tensors
-        return DecoderLayer(
-            spec, {n: t["w_q" if n == "attn_q" else f"layer.{n}"] for n in DecoderLayer_names()}
-        )
+        return DecoderLayer(spec, layer_weights(weights))
 
     rng = np.random.default_rng(0)
     x = rng.standard_normal(info.n_embd).astype(np.float32) * 20
@@ -120,12 +117,6 @@ def test_int8_consolidator_layer_reproduces_the_float_layer(model_path, tmp_path
     b = layer(stored).forward(x, 40, keys, values)
     assert np.corrcoef(a, b)[0, 1] > 0.999  # stated tolerance for int8 per-channel weights
     assert np.abs(a - b).max() < 0.05 * np.abs(a).max()
-
-
-def DecoderLayer_names():  # noqa: N802 - the layer's weight names
-    from flashmem_cli.memory.layer import WEIGHTS
-
-    return WEIGHTS
 
 
 def feed_turns(conversation, messages):

@@ -42,7 +42,12 @@ from flashmem_cli.memory.gguf_tensors import GGUFTensors
 from flashmem_cli.memory.kv_state import CacheState, parse_sequence_state
 from flashmem_cli.memory.layer import LayerSpec
 from flashmem_cli.memory.monitor import DEFAULT_SINKS, TriggerPolicy, attention_entropy
-from flashmem_cli.memory.weights import load_weights, save_weights, weights_path
+from flashmem_cli.memory.weights import (
+    load_weights,
+    read_weights_meta,
+    save_weights,
+    weights_path,
+)
 from flashmem_cli.models import ModelFile
 
 MEMORY_FORMAT = 1
@@ -379,8 +384,8 @@ def latents_at_budget(file: ModelFile, requested: int | None) -> int:
     path = weights_path(models_dir(), file.path.stem)
     if not path.is_file():
         return 0
-    weights = load_weights(path)
-    trained = weights.trained and weights.model_fingerprint == file.fingerprint
+    meta = read_weights_meta(path)  # at every chat start: no tensor is dequantized
+    trained = meta["trained"] and meta["model_fingerprint"] == file.fingerprint
     return DEFAULT_LATENTS if trained else 0
 
 

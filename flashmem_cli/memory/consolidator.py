@@ -51,19 +51,12 @@ class Consolidator:
         input_scale: float,
         top_k: int = DEFAULT_READOUT_TOP_K,
     ):
-        t = weights.tensors
         self.weights = weights
-        self.layer = DecoderLayer(
-            spec, {name: t["w_q" if name == "attn_q" else f"layer.{name}"] for name in WEIGHTS}
-        )
+        self.layer = DecoderLayer(spec, layer_weights(weights))
         self.embeddings = embeddings
         self.output_norm = output_norm
         self.input_scale = input_scale
         self.top_k = top_k
-
-    @property
-    def trained(self) -> bool:
-        return self.weights.trained
 
     def seed(self, hidden: np.ndarray) -> np.ndarray:
         """m_0 = h + W2 gelu(W1 h + b1) + b2: the identity until W2 is trained."""
@@ -114,6 +107,12 @@ class Consolidator:
         n_latents: int = DEFAULT_LATENTS,
     ) -> np.ndarray:
         return self.readout(self.outputs(hidden, keys, values, position, n_latents), candidates)
+
+
+def layer_weights(weights: ConsolidatorWeights) -> dict[str, np.ndarray]:
+    """The copied layer's weights as DecoderLayer names them, with the consolidator's own W_Q."""
+    t = weights.tensors
+    return {name: t["w_q" if name == "attn_q" else f"layer.{name}"] for name in WEIGHTS}
 
 
 def untrained_weights(

@@ -100,6 +100,14 @@ def load_weights(path: Path) -> ConsolidatorWeights:
     )
 
 
+def read_weights_meta(path: Path) -> dict[str, Any]:
+    """Only a weights file's metadata (trained, fingerprint, version): no tensor is read."""
+    if not path.is_file():
+        raise WeightsError(f"{path}: consolidator weights file is missing; {FIX}")
+    entries = _read_entries(path, only=_META)
+    return _parse_meta(path, entries.get(_META))
+
+
 def _encode(weights: ConsolidatorWeights) -> dict[str, np.ndarray]:
     arrays: dict[str, np.ndarray] = {_META: np.array(json.dumps(_meta_dict(weights)))}
     for name, tensor in weights.tensors.items():
@@ -129,14 +137,16 @@ def _meta_dict(weights: ConsolidatorWeights) -> dict[str, Any]:
     }
 
 
-def _read_entries(path: Path) -> dict[str, np.ndarray]:
-    """Every array in the npz, read eagerly; corrupt or non-npz files become WeightsError."""
+def _read_entries(path: Path, only: str | None = None) -> dict[str, np.ndarray]:
+    """Every array in the npz (or just `only`), read eagerly; corrupt or non-npz files become
+    WeightsError."""
     try:
         loaded = np.load(path, allow_pickle=False)
         if not isinstance(loaded, np.lib.npyio.NpzFile):
             raise WeightsError(f"{path}: not a consolidator weights archive (.npz); {FIX}")
         with loaded:
-            return {key: loaded[key] for key in loaded.files}
+            keys = [k for k in loaded.files if only is None or k == only]
+            return {key: loaded[key] for key in keys}
     except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
         raise WeightsError(
             f"{path}: consolidator weights file is corrupt or truncated ({e}); {FIX}"
