@@ -25,10 +25,6 @@ class SessionCorrupt(FlashmemError):
     """A session file that flashmem did not write in that shape; it is left untouched."""
 
 
-class StateMismatch(FlashmemError):
-    """The stored KV state does not fit this model, context size or transcript."""
-
-
 class ContextOverflow(FlashmemError):
     """A single message does not fit the context, even with every older turn dropped."""
 

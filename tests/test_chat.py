@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import run_cli, run_json
+from conftest import own_turn_tokens, run_cli, run_json
 
 from flashmem_cli.chat.conversation import ChatOptions, open_conversation
 from flashmem_cli.config import sessions_dir
@@ -20,12 +20,6 @@ TURNS = ["Tell me about cats.", "And dogs?", "Which is better?"]
 def transcript(home, name):
     path = home / "sessions" / name / "transcript.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()]
-
-
-def own_turn_tokens(model_path, message):
-    with Model(model_path, n_gpu_layers=0) as model:
-        text = f"<start_of_turn>user\n{message}<end_of_turn>\n<start_of_turn>model\n"
-        return len(model.tokenize(text))
 
 
 def test_resumed_in_new_processes_equals_one_process(home, model_path):
@@ -110,47 +104,76 @@ def test_session_in_use(home, model_path):
     assert transcript(home, "busy") == before
 
 
+def state_file(session_dir):
+    (path,) = session_dir.glob("state.*.bin")  # one generation on disk, the one meta.json names
+    return path
+
+
+def damage_session(session_dir, damage):
+    meta_path = session_dir / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    state = state_file(session_dir)
+    data = state.read_bytes()
+    if damage == "fingerprint":
+        meta["kv"]["fingerprint"] = "0" * 16
+    elif damage == "truncate":
+        state.write_bytes(data[:-1])
+    elif damage == "flip":  # a byte inside the KV data: same size, different content
+        middle = len(data) // 2
+        state.write_bytes(data[:middle] + bytes([data[middle] ^ 0xFF]) + data[middle + 1 :])
+    elif damage == "missing":
+        state.unlink()
+    elif damage == "tokens":
+        meta["kv"]["n_tokens"] += 1
+    elif damage == "older":  # format 1: a record without the state file's size and CRC32
+        del meta["kv"]["state"]
+    if damage == "meta":
+        meta_path.write_text('{"format": 2, "kv": ')
+    else:
+        meta_path.write_text(json.dumps(meta))
+
+
 @pytest.mark.parametrize(
     "damage, fragment",
     [
         ("fingerprint", "made by model"),
-        ("n_ctx", "-c 512"),
-        ("corrupt", "corrupt or truncated"),
-        ("truncate", "corrupt or truncated"),
-        ("tokens", "does not match meta.json"),
+        ("n_ctx", "made with -c 512, not -c 1024"),
+        ("truncate", "missing or damaged"),
+        ("flip", "missing or damaged"),
+        ("missing", "missing or damaged"),
+        ("tokens", "does not hold the tokens"),
+        ("older", "older KV record"),
+        ("meta", "unreadable meta.json"),
     ],
 )
-def test_mismatched_state_is_refused_then_rebuilt(home, model_path, damage, fragment):
+def test_a_damaged_or_stale_state_is_rebuilt_from_the_transcript(
+    home, model_path, damage, fragment
+):
     run_json("chat", "-s", "d", *FLAGS, "-p", "Remember the word apple.")
     session_dir = home / "sessions" / "d"
     flags = list(FLAGS)
-    if damage == "fingerprint":
-        meta = json.loads((session_dir / "meta.json").read_text())
-        meta["kv"]["fingerprint"] = "0" * 16
-        (session_dir / "meta.json").write_text(json.dumps(meta))
-    elif damage == "n_ctx":
+    if damage == "n_ctx":
         flags[flags.index("-c") + 1] = "1024"
-    elif damage == "corrupt":
-        (session_dir / "state.bin").write_bytes(b"\0" * 4096)
-    elif damage == "truncate":
-        data = (session_dir / "state.bin").read_bytes()
-        (session_dir / "state.bin").write_bytes(data[: len(data) // 2])
-    elif damage == "tokens":
-        meta = json.loads((session_dir / "meta.json").read_text())
-        meta["kv"]["n_tokens"] += 1
-        (session_dir / "meta.json").write_text(json.dumps(meta))
+    else:
+        damage_session(session_dir, damage)
     before = transcript(home, "d")
 
-    proc = run_cli("chat", "-s", "d", *flags, "-p", "What word?")
-    assert_one_line_error(proc, fragment)
-    assert "--rebuild" in proc.stderr
-    assert transcript(home, "d") == before
-
-    rebuilt = run_json("chat", "-s", "d", *flags, "-p", "What word?", "--rebuild")
-    assert rebuilt["tokens"]["cached"] > 0  # the transcript was re-processed into the cache
+    healed = run_json("chat", "-s", "d", *flags, "-p", "What word?")
+    assert len(healed["notices"]) == 1 and fragment in healed["notices"][0]
+    assert healed["tokens"]["cached"] > 0  # the transcript was re-processed into the cache
     assert transcript(home, "d")[: len(before)] == before
+    assert len(transcript(home, "d")) == len(before) + 2
+    state_file(session_dir)  # the damaged generation is gone, the new one is there
     again = run_json("chat", "-s", "d", *flags, "-p", "Thanks.")
+    assert again["notices"] == []
     assert again["tokens"]["new_prompt"] == own_turn_tokens(model_path, "Thanks.")
+
+
+def test_rebuild_forces_a_rebuild_without_a_notice(home, model_path):
+    run_json("chat", "-s", "r", *FLAGS, "-p", "Remember the word apple.")
+    rebuilt = run_json("chat", "-s", "r", *FLAGS, "-p", "What word?", "--rebuild")
+    assert rebuilt["notices"] == []
+    assert rebuilt["tokens"]["cached"] > 0
 
 
 @pytest.mark.parametrize("memory", [False, True])
@@ -197,7 +220,9 @@ def test_a_system_prompt_alone_waits_and_stays_pinned(home, model_path):
         pinned = conversation.stats()["pinned_tokens"]
     with Model(model_path, n_gpu_layers=0) as model:
         assert pinned == len(
-            model.tokenize("<bos><start_of_turn>user\nYou are a careful assistant.")
+            model.tokenize(
+                "<bos><start_of_turn>user\nYou are a careful assistant.", parse_special=True
+            )
         )
 
 

@@ -46,7 +46,7 @@ def test_greedy_reply_equals_llama_completion(home, llama, prompt):
 
 def test_saved_sequence_restores_the_same_next_token(model_path, tmp_path):
     with Model(model_path, n_gpu_layers=0) as model:
-        tokens = model.tokenize("<bos>The quick brown fox jumps over the lazy")
+        tokens = model.tokenize("<bos>The quick brown fox jumps over the lazy", parse_special=True)
         with Context(model, ContextParams(n_ctx=256)) as ctx:
             seq = KVSequence(ctx)
             seq.feed(tokens)
@@ -71,7 +71,7 @@ def test_dropping_a_span_closes_the_position_gap(model_path):
         Context(model, ContextParams(n_ctx=256)) as ctx,
     ):
         seq = KVSequence(ctx)
-        head = model.tokenize("<bos>Numbers:")
+        head = model.tokenize("<bos>Numbers:", parse_special=True)
         middle = model.tokenize(" one two three four five six")
         tail = model.tokenize(" seven eight")
         seq.feed(head + middle + tail)
@@ -86,7 +86,7 @@ def test_feeding_past_the_context_is_refused_and_leaves_the_sequence_whole(model
 
     with Model(model_path, n_gpu_layers=0) as model, Context(model, ContextParams(n_ctx=64)) as ctx:
         seq = KVSequence(ctx)
-        seq.feed(model.tokenize("<bos>hello"))
+        seq.feed(model.tokenize("<bos>hello", parse_special=True))
         before = list(seq.tokens)
         with pytest.raises(EngineError, match="do not fit"):
             seq.feed([100] * ctx.n_ctx)

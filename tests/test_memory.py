@@ -55,7 +55,9 @@ def test_last_layer_attention_is_captured_as_llama_cpp_computes_it(model_path):
 
     tap = NodeTap(["kq_soft_max-17"], on_node)
     with Model(model_path, n_gpu_layers=0) as model:
-        tokens = model.tokenize("<bos>The quick brown fox jumps over the lazy dog. It was")
+        tokens = model.tokenize(
+            "<bos>The quick brown fox jumps over the lazy dog. It was", parse_special=True
+        )
         params = ContextParams(n_ctx=256, n_threads=2, tap=tap)
         with Context(model, params) as ctx:
             seq = KVSequence(ctx)
@@ -137,7 +139,9 @@ def test_own_scaled_embedding_rows_reproduce_the_token_run(model_path):
     from flashmem_cli.memory.gguf_tensors import GGUFTensors
 
     with Model(model_path, n_gpu_layers=0) as model, GGUFTensors(model_path) as tensors:
-        tokens = model.tokenize("<bos>The capital of France is Paris, and the capital of Italy is")
+        tokens = model.tokenize(
+            "<bos>The capital of France is Paris, and the capital of Italy is", parse_special=True
+        )
         with Context(model, ContextParams(n_ctx=256, n_threads=2)) as ctx:
             KVSequence(ctx).feed(tokens)
             by_tokens = ctx.logits()
@@ -160,7 +164,7 @@ def decode_one_token_capturing(model, names):
 
     captured: dict[str, list[np.ndarray]] = {}
     tap = NodeTap(names, lambda name, ptr: captured.setdefault(name, []).append(read_f32(ptr)))
-    tokens = model.tokenize(PROMPT)
+    tokens = model.tokenize(PROMPT, parse_special=True)
     params = ContextParams(n_ctx=256, n_threads=2, tap=tap)
     with Context(model, params) as ctx:
         seq = KVSequence(ctx)
@@ -197,7 +201,7 @@ def test_final_hidden_state_times_tied_embeddings_gives_the_logits(model_path):
     from flashmem_cli.memory.gguf_tensors import GGUFTensors
 
     with Model(model_path, n_gpu_layers=0) as model, GGUFTensors(model_path) as tensors:
-        tokens = model.tokenize("<bos>The capital of France is")
+        tokens = model.tokenize("<bos>The capital of France is", parse_special=True)
         with Context(model, ContextParams(n_ctx=256, n_threads=2, hidden_states=True)) as ctx:
             KVSequence(ctx).feed(tokens)
             hidden, logits = ctx.hidden_state(), ctx.logits()

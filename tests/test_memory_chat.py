@@ -52,7 +52,7 @@ def test_tap_mass_sums_to_one_per_query_head_and_global_layer(model_path):
         params = ContextParams(n_ctx=256, n_threads=2, tap=capture.tap)
         with Context(model, params) as ctx:
             seq = KVSequence(ctx)
-            tokens = model.tokenize(TEXT)
+            tokens = model.tokenize(TEXT, parse_special=True)
             seq.feed(tokens)
             seq.feed(model.tokenize(" then"))
             capture.check()
@@ -71,7 +71,7 @@ def test_a_block_moved_into_the_middle_and_removed_leaves_the_sequence_as_it_was
     """move_tail's shifts add up: park a block mid-sequence, remove it, and the next token's
     logits are those of a sequence that never had it (up to re-roping in f16)."""
     with Model(model_path, n_gpu_layers=0) as model:
-        tokens = model.tokenize(TEXT)
+        tokens = model.tokenize(TEXT, parse_special=True)
         nxt = model.tokenize(" the")
         with Context(model, ContextParams(n_ctx=256, n_threads=2)) as ctx:
             seq = KVSequence(ctx)
@@ -318,7 +318,7 @@ def test_a_full_cache_is_trimmed_before_its_latents_are_written(model_path):
         with Context(model, params) as ctx:
             memory.attach(ctx.n_ctx)
             seq = KVSequence(ctx)
-            tokens = (model.tokenize(TEXT) * 40)[: ctx.n_ctx]
+            tokens = (model.tokenize(TEXT, parse_special=True) * 40)[: ctx.n_ctx]
             seq.feed(tokens)
             memory.note_decode()
             assert seq.free == 0

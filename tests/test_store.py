@@ -1,10 +1,13 @@
 import json
+import os
+import stat
+import zlib
 
 import pytest
 
 from flashmem_cli.errors import InvalidSessionName, SessionCorrupt, SessionInUse, SessionNotFound
 from flashmem_cli.store.files import atomic_write_json
-from flashmem_cli.store.sessions import SessionStore, read_transcript, validate_name
+from flashmem_cli.store.sessions import SessionStore, StoredFile, read_transcript, validate_name
 
 
 @pytest.mark.parametrize("name", ["work", "a.b_c-1", "x" * 64])
@@ -99,15 +102,120 @@ def test_a_torn_tail_is_set_aside_before_the_next_append(tmp_path):
 
 @pytest.mark.parametrize(
     "meta",
-    ["[]", '{"format": 1, "model": "x"}', '{"format": 1, "n_ctx": "abc"}', '{"format": 99}'],
+    ["[]", '{"format": 2, "model": "x"}', '{"format": 2, "n_ctx": "abc"}', "{", "\xff\xfe"],
 )
-def test_a_meta_json_of_the_wrong_shape_is_corrupt(tmp_path, meta):
+def test_a_damaged_meta_json_is_set_aside_and_renewed(tmp_path, meta):
+    store = SessionStore(tmp_path)
+    with store.open("s") as session:
+        session.append({"role": "user", "content": "kept"})
+    (tmp_path / "s" / "meta.json").write_bytes(meta.encode("latin-1"))
+    assert store.list()[0].model.startswith("(unreadable")
+    with store.open("s") as session:
+        assert len(session.notices) == 1 and "set it aside" in session.notices[0]
+        assert session.meta["kv"] is None
+        assert [r["content"] for r in session.records()] == ["kept"]
+    (aside,) = tmp_path.glob("s/meta.json.damaged-*")
+    assert aside.read_bytes() == meta.encode("latin-1")  # nothing is lost
+    assert store.open("s", create=False).notices == []
+
+
+def test_a_meta_json_from_a_newer_flashmem_is_refused_and_left_alone(tmp_path):
     store = SessionStore(tmp_path)
     store.open("s").close()
-    (tmp_path / "s" / "meta.json").write_text(meta)
-    with pytest.raises(SessionCorrupt):
+    (tmp_path / "s" / "meta.json").write_text('{"format": 99}')
+    with pytest.raises(SessionCorrupt, match="newer flashmem"):
         store.open("s")
-    assert store.list()[0].model.startswith("(unreadable")
+    assert (tmp_path / "s" / "meta.json").read_text() == '{"format": 99}'
+
+
+def write_bytes_to(data):
+    return lambda path: path.write_bytes(data)
+
+
+def test_commit_kv_replaces_a_whole_generation_and_removes_the_old(tmp_path):
+    store = SessionStore(tmp_path)
+    with store.open("s") as session:
+        session.commit_kv({"n": 1}, write_bytes_to(b"one"), write_bytes_to(b"mem one"))
+        session.commit_kv({"n": 2}, write_bytes_to(b"two"), None)
+        kv = session.meta["kv"]
+    assert json.loads((tmp_path / "s" / "meta.json").read_text())["kv"] == kv
+    assert (kv["n"], kv["generation"], kv["memory"]) == (2, 2, None)
+    assert kv["state"] == {"file": "state.2.bin", "bytes": 3, "crc32": zlib.crc32(b"two")}
+    names = sorted(p.name for p in (tmp_path / "s").iterdir())
+    assert names == [".lock", "meta.json", "state.2.bin", "transcript.jsonl"]
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "grow", "missing"])
+def test_verified_refuses_a_state_file_that_differs_from_its_record(tmp_path, damage):
+    store = SessionStore(tmp_path)
+    with store.open("s") as session:
+        session.commit_kv({}, write_bytes_to(b"kv data " * 100), None)
+        stored = StoredFile.from_dict(session.meta["kv"]["state"])
+        path = tmp_path / "s" / stored.name
+        assert session.verified(stored) == path
+        data = path.read_bytes()
+        if damage == "missing":
+            path.unlink()
+        else:
+            changed = {"truncate": data[:-1], "flip": data[:-1] + b"X", "grow": data + b"\0"}
+            path.write_bytes(changed[damage])
+        assert session.verified(stored) is None
+
+
+def test_state_record_names_only_files_of_the_session(tmp_path):
+    with pytest.raises(ValueError):
+        StoredFile.from_dict({"file": "../other/state.1.bin", "bytes": 1, "crc32": 0})
+
+
+def test_opening_removes_temp_files_and_unreferenced_state(tmp_path):
+    store = SessionStore(tmp_path)
+    with store.open("s") as session:
+        session.commit_kv({}, write_bytes_to(b"kept"), None)
+    leftovers = [".state.3.bin.abc.tmp", "state.3.bin", "memory.3.npz", "state.bin"]
+    for name in leftovers:  # what kills mid-save and format-1 sessions leave
+        (tmp_path / "s" / name).write_bytes(b"x")
+    store.open("s").close()
+    names = sorted(p.name for p in (tmp_path / "s").iterdir())
+    assert names == [".lock", "meta.json", "state.1.bin", "transcript.jsonl"]
+
+
+def test_session_files_are_private_whatever_the_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        store = SessionStore(tmp_path / "sessions")
+        with store.open("s") as session:
+            session.append({"role": "user", "content": "secret"})
+            session.commit_kv({}, write_bytes_to(b"kv"), write_bytes_to(b"mem"))
+        store.remove("s")
+    finally:
+        os.umask(old)
+    (moved,) = (tmp_path / "trash").iterdir()
+    for path in [tmp_path / "trash", moved, *moved.iterdir()]:
+        mode = stat.S_IMODE(path.stat().st_mode)
+        assert mode == (0o700 if path.is_dir() else 0o600), (path.name, oct(mode))
+
+
+def test_removing_the_same_name_twice_in_a_second_does_not_nest(tmp_path):
+    store = SessionStore(tmp_path / "sessions")
+    targets = []
+    for content in ("first", "second"):
+        with store.open("s") as session:
+            session.append({"role": "user", "content": content})
+        targets.append(store.remove("s"))
+    assert targets[0] != targets[1]
+    for target, content in zip(targets, ("first", "second"), strict=True):
+        assert [r["content"] for r in read_transcript(target)] == [content]
+
+
+def test_a_transcript_with_bytes_that_are_not_utf8_still_reads(tmp_path):
+    store = SessionStore(tmp_path)
+    with store.open("s") as session:
+        session.append({"role": "user", "content": "ok"})
+    path = tmp_path / "s" / "transcript.jsonl"
+    raw = path.read_bytes() + b'{"role": "assistant", "content": "caf\xe9"}\n'
+    path.write_bytes(raw)
+    assert [r["content"] for r in read_transcript(tmp_path / "s")] == ["ok", "caf\ufffd"]
+    assert path.read_bytes() == raw  # the file keeps its bytes
 
 
 @pytest.mark.parametrize("line", ['{"role": "user"}', "5", '{"role": "robot", "content": "x"}'])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -39,6 +40,9 @@ def success_line(request: BatchRequest, result: Completion, model: str) -> dict[
 
 
 def error_line(error: LineError) -> dict[str, Any]:
+    """A failed line. --resume matches it by `flashmem.line`, not by `custom_id` (a
+    duplicate_id line shares its id with the line that ran, and a line that is not JSON has only
+    its fallback `line-N`); `error.code` says whether --resume runs it again."""
     return {
         "id": f"batch_req_{uuid.uuid4().hex}",
         "custom_id": error.id,
@@ -96,7 +100,8 @@ class JsonlWriter:
 
     def __init__(self, stream: IO[str], durable: bool):
         self.stream = stream
-        self.durable = durable
+        # fsync is for files: on /dev/null or a pipe it fails (EINVAL)
+        self.durable = durable and stat.S_ISREG(os.fstat(stream.fileno()).st_mode)
 
     def write(self, record: dict[str, Any]) -> None:
         self.stream.write(json.dumps(record, ensure_ascii=False) + "\n")
@@ -105,12 +110,17 @@ class JsonlWriter:
             os.fsync(self.stream.fileno())
 
 
+RETRIED_ON_RESUME = frozenset({"session_in_use", "request_failed"})
+"""Error codes of a passing condition (a session busy in another process, a decode or other
+failure of the moment): --resume runs these lines again instead of counting them done."""
+
+
 @dataclass(frozen=True)
 class DoneSet:
-    """What an earlier run already wrote: ids that succeeded, lines that failed."""
+    """What an earlier run already wrote: ids that succeeded, lines that failed for good."""
 
     ids: frozenset[str]
-    error_lines: frozenset[int]
+    error_lines: frozenset[int]  # without lines whose code is in RETRIED_ON_RESUME
 
     def has(self, item: BatchRequest | LineError) -> bool:
         return item.line in self.error_lines or (
@@ -121,11 +131,22 @@ class DoneSet:
 def scan_done(out_path: Path, err_path: Path) -> DoneSet:
     """Read earlier results, first cutting a torn last line (a kill mid-write) from each file."""
     ids = {record.get("custom_id") for record in read_repaired(out_path)}
-    lines = {(record.get("flashmem") or {}).get("line") for record in read_repaired(err_path)}
+    lines = {
+        _field(record, "flashmem", "line")
+        for record in read_repaired(err_path)
+        if _field(record, "error", "code") not in RETRIED_ON_RESUME
+    }
     return DoneSet(
         frozenset(i for i in ids if isinstance(i, str)),
         frozenset(n for n in lines if isinstance(n, int)),
     )
+
+
+def _field(record: dict[str, Any], outer: str, inner: str) -> object:
+    """record[outer][inner] when record[outer] is an object holding a string or number."""
+    value = record.get(outer)
+    found = value.get(inner) if isinstance(value, dict) else None
+    return found if isinstance(found, (str, int)) else None
 
 
 def read_repaired(path: Path) -> list[dict[str, Any]]:

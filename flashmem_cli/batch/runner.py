@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -23,6 +24,7 @@ from flashmem_cli.batch.scheduler import BatchScheduler, BatchSettings
 from flashmem_cli.chat.conversation import load_model
 from flashmem_cli.config import sessions_dir
 from flashmem_cli.errors import FlashmemError
+from flashmem_cli.store.files import try_lock
 from flashmem_cli.store.sessions import SessionStore
 
 
@@ -74,6 +76,11 @@ def default_paths(source: Path) -> tuple[Path, Path]:
 
 def run(plan: RunPlan, progress: Progress | None = None) -> RunStats:
     """Every line of the plan's shard not done before gets exactly one line in OUT or ERR."""
+    with lock_outputs(plan):
+        return run_locked(plan, progress)
+
+
+def run_locked(plan: RunPlan, progress: Progress | None) -> RunStats:
     file_model = models.resolve(plan.model)
     items = [i for i in parse_lines(read_source(plan.source)) if in_shard(i, plan.shard)]
     done = prepare_outputs(plan)
@@ -141,6 +148,43 @@ def read_source(source: Path | None) -> bytes:
 def in_shard(item: BatchRequest | LineError, shard: tuple[int, int]) -> bool:
     index, count = shard
     return count == 1 or shard_of(item.id, count) == index
+
+
+def lock_path(path: Path) -> Path:
+    """The file whose lock guards output `path`: `path` with `.lock` appended, beside the file
+    it guards (beside a symlink's target). It stays after the run: deleting a lock file while
+    another process may have it open lets two runs each lock a different file of that name."""
+    target = path.resolve()
+    return target.with_name(target.name + ".lock")
+
+
+@contextmanager
+def lock_outputs(plan: RunPlan) -> Iterator[None]:
+    """Hold an exclusive lock on each output file for the whole run, from before --resume reads
+    it: a second run on the same OUT or ERR stops at once instead of writing every id again."""
+    guarded: dict[Path, Path] = {}  # lock file -> output as the user named it; -o = --errors
+    for path in (plan.out, plan.errors):
+        if path is None or (path.exists() and not path.is_file()):
+            continue  # standard output/error, or /dev/null, a pipe: nothing to guard
+        if not path.parent.is_dir():  # the lock would create the directory; say what is wrong
+            raise FlashmemError(f"cannot write {path}: no directory {path.parent}")
+        guarded.setdefault(lock_path(path), path)
+    held = []
+    try:
+        for lock_file, path in guarded.items():
+            try:
+                lock = try_lock(lock_file)
+            except NotImplementedError:  # no flock here (Lustre without -o flock): filelock 3
+                continue  # raises this; filelock 4 falls back to a marker-file lock itself
+            except OSError as exc:
+                raise FlashmemError(f"cannot lock {path} ({lock_file}): {exc.strerror}") from None
+            if lock is None:
+                raise FlashmemError(f"{path} is being written by another flashmem run")
+            held.append(lock)
+        yield
+    finally:
+        for lock in reversed(held):
+            lock.release()
 
 
 def prepare_outputs(plan: RunPlan) -> DoneSet:

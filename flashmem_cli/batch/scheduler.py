@@ -23,16 +23,15 @@ from flashmem_cli.chat.conversation import (
     PendingTurn,
     chat_template_for,
 )
+from flashmem_cli.engine import prompt as rendering
 from flashmem_cli.engine.backend import BatchEntry, Context, ContextParams
 from flashmem_cli.engine.sampling import Sampler, SamplingParams
 from flashmem_cli.engine.sequence import KVSequence
-from flashmem_cli.engine.templates import pinned_prefix
 from flashmem_cli.errors import (
     ContextOverflow,
     EngineError,
     InvalidSessionName,
     SessionInUse,
-    StateMismatch,
     TemplateError,
 )
 from flashmem_cli.store.sessions import SessionStore
@@ -236,15 +235,13 @@ class BatchScheduler:
             if self.model.add_bos and tokens[:1] != [self.model.bos]:
                 tokens = [self.model.bos] + tokens
             return [], tokens
-        text = self.template.render(request.messages, add_generation_prompt=True)
-        first = request.messages[0]
-        system = first["content"] if first["role"] == "system" else None
-        head_text = pinned_prefix(text, system, self.template.bos_token) if system else ""
-        head = self.model.tokenize(head_text) if head_text else []
-        rest = self.model.tokenize(text[len(head_text) :])
-        if self.model.add_bos and (head or rest)[:1] != [self.model.bos]:
-            head, rest = ([self.model.bos] + head, rest) if head else ([], [self.model.bos] + rest)
-        return head, rest
+        rendered = rendering.render(self.template, request.messages, add_generation_prompt=True)
+        if request.messages[0]["role"] == "system":
+            return rendering.tokenize_head(self.model, rendered, 0, self.template.bos_token)
+        tokens = rendering.tokenize(self.model, rendered)
+        if self.model.add_bos and tokens[:1] != [self.model.bos]:
+            tokens = [self.model.bos] + tokens
+        return [], tokens
 
     def _start_session_turn(self, request: BatchRequest, slot: KVSequence, sampler: Sampler) -> Job:
         text, system = session_message(request)
@@ -377,6 +374,7 @@ class BatchScheduler:
                 "session": job.request.session,
                 "cached_tokens": result.cached_tokens,
                 "dropped_turns": result.dropped_turns,
+                "notices": result.notices,
             },
         )
 
@@ -429,8 +427,6 @@ def error_code(exc: Exception) -> str:
         return "invalid_session"
     if isinstance(exc, SessionInUse):
         return "session_in_use"
-    if isinstance(exc, StateMismatch):
-        return "session_state_mismatch"
     if isinstance(exc, TemplateError):
         return "template_error"
     return "request_failed"

@@ -33,7 +33,7 @@ def conversation_tokens(model: Model, n_tokens: int) -> list[int]:
         for turn in case.turns:
             role = "model" if turn["role"] == "assistant" else "user"
             text = f"<start_of_turn>{role}\n{turn['content']}<end_of_turn>\n"
-            tokens += model.tokenize(text)
+            tokens += model.tokenize(text, parse_special=True)  # our own markup
             if len(tokens) >= n_tokens:
                 return tokens[:n_tokens]
     return tokens

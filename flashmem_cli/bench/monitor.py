@@ -55,7 +55,7 @@ def decode_speed(model: Model, n_tokens: int, monitored: bool) -> float:
     )
     with Context(model, params) as ctx, Sampler(SamplingParams(temperature=0)) as sampler:
         seq = KVSequence(ctx)
-        seq.feed(model.tokenize(PROMPT))
+        seq.feed(model.tokenize(PROMPT, parse_special=True))
         start = time.perf_counter()
         for _ in range(n_tokens):
             seq.feed([sampler.sample(ctx)])

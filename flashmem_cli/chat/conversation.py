@@ -26,22 +26,17 @@ from flashmem_cli.chat.layout import (
 )
 from flashmem_cli.chat.memory import ConversationMemory, MemoryOptions
 from flashmem_cli.config import DEFAULT_BATCH, DEFAULT_CTX, DEFAULT_N_PREDICT, default_threads
+from flashmem_cli.engine import prompt as rendering
 from flashmem_cli.engine.backend import Context, ContextParams, Model
 from flashmem_cli.engine.generate import stream_generate
 from flashmem_cli.engine.sampling import Sampler, SamplingParams
 from flashmem_cli.engine.sequence import LATENT, KVSequence
-from flashmem_cli.engine.templates import (
-    ChatTemplate,
-    pinned_prefix,
-    reply_closing,
-    select_template,
-    text_after,
-)
-from flashmem_cli.errors import ContextOverflow, EngineError, FlashmemError, StateMismatch
+from flashmem_cli.engine.templates import ChatTemplate, select_template
+from flashmem_cli.errors import ContextOverflow, EngineError, FlashmemError
 from flashmem_cli.memory.budget import turns_to_consolidate
 from flashmem_cli.memory.monitor import DEFAULT_SINKS
 from flashmem_cli.models import ModelFile
-from flashmem_cli.store.sessions import Session, SessionStore
+from flashmem_cli.store.sessions import Session, SessionStore, StoredFile
 
 
 @dataclass(frozen=True)
@@ -71,6 +66,7 @@ class TurnResult:
     dropped_turns: int
     timings_ms: dict[str, float] = field(default_factory=dict)
     memory: dict[str, Any] = field(default_factory=dict)
+    notices: list[str] = field(default_factory=list)  # repairs, a save that failed
 
 
 @dataclass
@@ -114,6 +110,7 @@ class Conversation:
         self.layout = KVLayout()
         self.restore_ms = 0.0
         self._pending_restore_ms = 0.0
+        self.notices: list[str] = list(session.notices)  # what was repaired, one line each
         try:
             self._start()
         except BaseException:
@@ -163,59 +160,58 @@ class Conversation:
         self.close()
 
     def _start(self) -> None:
+        """Restore the saved KV state; rebuild it from the transcript when there is none to
+        trust (never saved, missing, damaged, or made for another model or -c)."""
         if self.options.stateless:
             return
         start = time.perf_counter()
-        if self.options.rebuild or self.session.meta.get("kv") is None:
-            self._replay(conversation_messages(self.session.records()))
-            if self.options.rebuild:
+        kv = self.session.meta.get("kv")
+        why = "--rebuild" if self.options.rebuild else self._restore(kv) if kv else "new"
+        if why is not None:
+            self._replay(self.messages())
+            if why != "new":
                 self._save()
-        else:
-            self._restore()
+            if why not in ("new", "--rebuild"):
+                self.notices.append(
+                    f"session {self.session.name}: {why}; rebuilt the KV state from the "
+                    f"transcript ({len(self.seq)} tokens re-processed)"
+                )
         self.restore_ms = self._pending_restore_ms = _ms(start)
 
-    def _restore(self) -> None:
-        kv = self.session.meta["kv"]
+    def _restore(self, kv: dict[str, Any]) -> str | None:
+        """Load the KV record's state; None when done, else why it cannot be used."""
         try:
-            self._check_state(kv)
+            why = self._stale(kv)
             layout = KVLayout.from_dict(kv["layout"])
+            state = StoredFile.from_dict(kv["state"])
+            memory = StoredFile.from_dict(kv["memory"]) if kv.get("memory") else None
+            recorded = (int(kv["n_tokens"]), str(kv["digest"]))
         except (KeyError, TypeError, ValueError):
-            raise StateMismatch(
-                f"session {self.session.name}'s meta.json has a damaged kv record; --rebuild "
-                "re-processes the transcript"
-            ) from None
-        if not self.seq.load(self.session.state_path):
-            raise StateMismatch(
-                f"session {self.session.name}'s state.bin is corrupt or truncated; --rebuild "
-                "re-processes the transcript"
-            )
-        recorded = (kv["n_tokens"], layout.n_tokens, kv["digest"])
-        if recorded != (len(self.seq), len(self.seq), tokens_digest(self.seq.tokens)):
+            return "its meta.json has a damaged or older KV record"
+        if why is not None:
+            return why
+        path = self.session.verified(state)
+        if path is None:
+            return f"{state.name} is missing or damaged (its size or CRC32 differs from meta.json)"
+        if not self.seq.load(path):
+            return f"llama.cpp could not read {state.name}"
+        if recorded != (len(self.seq), tokens_digest(self.seq.tokens)) or layout.n_tokens != len(
+            self.seq
+        ):
             self.seq.clear()
-            raise StateMismatch(
-                f"session {self.session.name}'s state.bin does not match meta.json (an "
-                "interrupted save?); --rebuild re-processes the transcript"
-            )
+            return f"{state.name} does not hold the tokens meta.json records"
         self.layout = layout
         if self.memory is not None:
-            self.memory.load(self.session.memory_path, self.seq)
+            self.memory.load(self.session.verified(memory) if memory else None, self.seq)
+        return None
 
-    def _check_state(self, kv: dict[str, Any]) -> None:
-        name = self.session.name
+    def _stale(self, kv: dict[str, Any]) -> str | None:
+        """Why a KV record was made for another model or context size, if it was."""
         if kv["fingerprint"] != self.loaded.file.fingerprint:
-            made_with = (self.session.meta.get("model") or {}).get("path", kv["model"])
-            raise StateMismatch(
-                f"session {name}'s KV state was made by model {kv['model']} "
-                f"(fingerprint {kv['fingerprint']}), not {self.loaded.file.name} "
-                f"({self.loaded.file.fingerprint}); use -m {made_with}, or --rebuild"
-            )
+            return f"its KV state was made by model {kv['model']}, not {self.loaded.file.name}"
         if kv["n_ctx"] != self.n_ctx:
-            raise StateMismatch(
-                f"session {name}'s KV state was made with -c {kv['n_ctx']}, not {self.n_ctx}; "
-                f"use -c {kv['n_ctx']}, or --rebuild"
-            )
-        if not self.session.state_path.is_file():
-            raise StateMismatch(f"session {name} has no state.bin; --rebuild re-processes it")
+            return f"its KV state was made with -c {kv['n_ctx']}, not -c {self.n_ctx}"
+        return None
 
     # -- turns ----------------------------------------------------------------------------------
 
@@ -233,8 +229,9 @@ class Conversation:
                 "(start a new session, or /reset first)"
             )
         probe = [{"role": "system", "content": system}, {"role": "user", "content": ""}]
-        text = self.template.render(probe, add_generation_prompt=True)
-        pinned = len(self.model.tokenize(pinned_prefix(text, system, self.template.bos_token)))
+        rendered = rendering.render(self.template, probe, add_generation_prompt=True)
+        head, _ = rendering.tokenize_head(self.model, rendered, 0, self.template.bos_token)
+        pinned = len(head)
         if pinned > self.n_ctx // 2:
             raise ContextOverflow(
                 f"the system prompt is {pinned} tokens; -c {self.n_ctx} allows at most "
@@ -293,8 +290,9 @@ class Conversation:
         self.session.append({**record, "usage": usage} if turn.tags else record)
         self._close_reply(turn.messages + [reply_message], len(generated))
         if not self.options.stateless:
-            self._save()
+            self._save_after_turn()
         restore_ms, self._pending_restore_ms = self._pending_restore_ms, 0.0
+        notices, self.notices = self.notices, []
         return TurnResult(
             reply=reply_message["content"],
             prompt_text=turn.prompt_text,
@@ -304,6 +302,7 @@ class Conversation:
             finish_reason=finish,
             dropped_turns=self.layout.dropped - turn.dropped_before,
             memory=self._turn_memory(turn),
+            notices=notices,
             timings_ms={
                 "restore": restore_ms,
                 "prefill": turn.prefill_ms,
@@ -335,8 +334,8 @@ class Conversation:
         """Teacher-forced log-probabilities of `answer`'s tokens as the reply to `question`,
         each given the ones before; the cache and the transcript are left as they were."""
         asked: Message = {"role": "user", "content": question}
-        text = text_after(self.template, self.messages(), [asked], add_generation_prompt=True)
-        prompt, target = self.model.tokenize(text), self.model.tokenize(answer)
+        text = rendering.delta(self.template, self.messages(), [asked], add_generation_prompt=True)
+        prompt, target = rendering.tokenize(self.model, text), self.model.tokenize(answer)
         if len(prompt) + len(target) > self.seq.free:
             raise ContextOverflow(
                 f"the probe needs {len(prompt) + len(target)} tokens; {self.seq.free} are free"
@@ -405,24 +404,25 @@ class Conversation:
         chunks = []
         for i, group in enumerate(groups):
             prompt = user is not None and i == len(groups) - 1
-            text = text_after(self.template, fed, group, add_generation_prompt=prompt)
+            text = rendering.delta(self.template, fed, group, add_generation_prompt=prompt)
             first = not self.seq.tokens and i == 0
-            chunks.append(self._tokenize(text, group, first=first, prompt=prompt))
+            system = len(fed) if group[0]["role"] == "system" else None
+            chunks.append(self._tokenize(text, group, system if first else -1, prompt=prompt))
             fed = fed + group
         if user is not None:
             self._check_fits(chunks)
         return chunks
 
-    def _tokenize(self, text: str, group: list[Message], first: bool, prompt: bool) -> _Chunk:
-        if not first:
-            return _Chunk(group, text, [], self.model.tokenize(text), prompt)
-        system = group[0]["content"] if group[0]["role"] == "system" else None
-        pinned_text = pinned_prefix(text, system, self.template.bos_token)
-        pinned = self.model.tokenize(pinned_text)
-        if self.model.add_bos and pinned[:1] != [self.model.bos]:
-            pinned = [self.model.bos] + pinned
-        rest = self.model.tokenize(text[len(pinned_text) :])
-        return _Chunk(group, text, pinned, rest, prompt)
+    def _tokenize(
+        self, text: rendering.Rendered, group: list[Message], system: int | None, prompt: bool
+    ) -> _Chunk:
+        """A turn's tokens; the conversation's first (`system` not -1: the index of its system
+        message, or None) also gets its pinned head, BOS and system prompt."""
+        if system == -1:
+            return _Chunk(group, text.text, [], rendering.tokenize(self.model, text), prompt)
+        bos = self.template.bos_token
+        pinned, rest = rendering.tokenize_head(self.model, text, system, bos)
+        return _Chunk(group, text.text, pinned, rest, prompt)
 
     def _check_fits(self, chunks: list[_Chunk]) -> None:
         """The user's own turn must fit beside the pinned head, or nothing is done at all."""
@@ -593,7 +593,7 @@ class Conversation:
 
     def _close_reply(self, messages: list[Message], generated: int) -> None:
         """Feed the template's end-of-reply text now, so the next turn feeds only its own."""
-        closing = self.model.tokenize(reply_closing(self.template, messages))
+        closing = rendering.tokenize(self.model, rendering.reply_closing(self.template, messages))
         self._make_room(len(closing), keep_last=True)
         if len(closing) <= self.seq.free and self.layout.turns:
             self.seq.feed(closing)
@@ -615,15 +615,24 @@ class Conversation:
             self.memory.reset()
         self._feed(self._chunks([], messages, None))
 
+    def _save_after_turn(self) -> None:
+        """The transcript already holds the turn, so a save that fails (a full disk) loses
+        nothing: the saved state stays the previous one, and the next start feeds it what it
+        lacks. Said in a notice rather than failing a turn that happened."""
+        try:
+            self._save()
+        except OSError as exc:
+            self.notices.append(
+                f"could not save the KV state ({exc.strerror or exc}); the turn is in the "
+                "transcript, and the next turn re-processes what the saved state lacks"
+            )
+
     def _save(self) -> None:
+        """Commit the KV state, its memory and their record in one step (store/sessions.py)."""
         if self.layout.n_tokens != len(self.seq):
             raise EngineError(
                 f"internal: layout counts {self.layout.n_tokens} tokens, cache holds {len(self.seq)}"
             )
-        self.session.save_state(self.seq.save)
-        if self.memory is not None:
-            memory = self.memory
-            self.session.save_memory(lambda path: memory.save(path, self.seq))
         model = self.loaded.file
         self.session.meta["model"] = {
             "name": model.name,
@@ -631,7 +640,7 @@ class Conversation:
             "fingerprint": model.fingerprint,
         }
         self.session.meta["n_ctx"] = self.n_ctx
-        self.session.meta["kv"] = {
+        kv = {
             "model": model.name,
             "fingerprint": model.fingerprint,
             "n_ctx": self.n_ctx,
@@ -639,7 +648,9 @@ class Conversation:
             "digest": tokens_digest(self.seq.tokens),
             "layout": self.layout.to_dict(),
         }
-        self.session.save_meta()
+        memory = self.memory
+        write_memory = None if memory is None else (lambda path: memory.save(path, self.seq))
+        self.session.commit_kv(kv, self.seq.save, write_memory)
 
 
 class CtrlC:

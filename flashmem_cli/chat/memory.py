@@ -338,12 +338,15 @@ class ConversationMemory:
                 ),
             )
 
-    def load(self, path: Path, seq: KVSequence) -> bool:
-        """Take up a saved memory after state.bin was restored into a fresh context (its cells
-        then sit at 0..n-1 in saved order). False, memory empty, when it does not match."""
+    def load(self, path: Path | None, seq: KVSequence) -> bool:
+        """Take up a saved memory after the state was restored into a fresh context (its cells
+        then sit at 0..n-1 in saved order). False, memory empty, when there is none that
+        matches (`path` None: none was saved, or it failed its check)."""
         n = len(seq)
         self.capture.visible_cells = np.arange(n)
         self.latent_rows = np.zeros((seq.tokens.count(LATENT), self.info.n_embd), np.float32)
+        if path is None:
+            return False
         try:
             with np.load(path, allow_pickle=False) as data:
                 if int(data["version"]) != MEMORY_FORMAT or int(data["n_tokens"]) != n:

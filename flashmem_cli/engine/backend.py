@@ -97,8 +97,10 @@ class Model:
     # -- vocabulary ---------------------------------------------------------------------------
 
     def tokenize(
-        self, text: str, add_special: bool = False, parse_special: bool = True
+        self, text: str, add_special: bool = False, parse_special: bool = False
     ) -> list[int]:
+        """Tokens of `text`; spellings of control tokens (`<end_of_turn>`) stay text unless
+        `parse_special` (for a template's own markup only: engine/prompt.py)."""
         data = text.encode("utf-8")
         capacity = len(data) + 8
         buf = (lc.llama_token * capacity)()
@@ -129,6 +131,11 @@ class Model:
     def token_text(self, token: int) -> str:
         """The vocabulary's own spelling of a token (`<bos>`, `<end_of_turn>`)."""
         return (lc.llama_vocab_get_text(self._vocab, token) or b"").decode("utf-8", "replace")
+
+    def is_control(self, token: int) -> bool:
+        """A token that only special-token parsing makes of its spelling (control, unknown)."""
+        attr = lc.llama_vocab_get_attr(self._vocab, token)
+        return bool(attr & (lc.LLAMA_TOKEN_ATTR_CONTROL | lc.LLAMA_TOKEN_ATTR_UNKNOWN))
 
     def is_eog(self, token: int) -> bool:
         return bool(lc.llama_vocab_is_eog(self._vocab, token))

@@ -1,36 +1,53 @@
-"""Sessions on disk: one directory per conversation, written atomically, locked while in use.
+"""Sessions on disk: one private directory per conversation, locked while in use.
 
 <sessions dir>/<name>/
-  meta.json         format version, model, n_ctx, settings, what the KV state holds
   transcript.jsonl  every message, append-only and fsync'd: the source of truth
-  state.bin         the KV cache of the conversation (llama_state_seq_save_file)
+  meta.json         format version, model, n_ctx, and the KV record: which state files hold
+                    the cache, with their sizes and CRC32s
+  state.<g>.bin     the KV cache of the conversation (llama_state_seq_save_file), generation g
+  memory.<g>.npz    the memory beside it (latents, attention mass), when memory is on
+
+A save writes the generation's files first and renames meta.json over the old one last: that
+rename is the one commit point, so a kill leaves either the old KV record or the new one, each
+with its own files. Files no record points to (and temp files of killed writes) are removed
+whenever the session is opened or saved. The transcript is never rewritten.
 """
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import re
-import shutil
+import signal
 import time
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from flashmem_cli.errors import InvalidSessionName, SessionCorrupt, SessionInUse, SessionNotFound
-from flashmem_cli.store.files import append_jsonl, atomic_write_json, commit_temp, temp_path_beside
+from filelock import BaseFileLock
 
-FORMAT_VERSION = 1
+from flashmem_cli.errors import InvalidSessionName, SessionCorrupt, SessionInUse, SessionNotFound
+from flashmem_cli.store.files import (
+    append_jsonl,
+    atomic_write_bytes,
+    atomic_write_json,
+    commit_temp,
+    make_private_dir,
+    temp_path_beside,
+    touch_private,
+    try_lock,
+)
+
+FORMAT_VERSION = 2  # 1: one unverified state.bin, rebuilt from the transcript on first use
 NAME_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
 META = "meta.json"
 TRANSCRIPT = "transcript.jsonl"
-STATE = "state.bin"
-MEMORY = "memory.npz"
 LOCK = ".lock"
 ROLES = ("system", "user", "assistant")
+KV_FILE = re.compile(r"(state|memory)(\.\d+)?\.(bin|npz)")
 
 
 def validate_name(name: str) -> str:
@@ -54,28 +71,64 @@ class SessionSummary:
     state_bytes: int
 
 
-def replace_with(path: Path, write: Callable[[Path], object]) -> None:
-    """`write(tmp_path)` writes a file that replaces `path` only once complete."""
+@dataclass(frozen=True)
+class StoredFile:
+    """A file of the KV record, as meta.json describes it: checked before anything reads it."""
+
+    name: str
+    size: int
+    crc32: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"file": self.name, "bytes": self.size, "crc32": self.crc32}
+
+    @classmethod
+    def from_dict(cls, data: Any) -> StoredFile:
+        """Raises KeyError, TypeError or ValueError for a record of the wrong shape."""
+        name = str(data["file"])
+        if not KV_FILE.fullmatch(name):
+            raise ValueError(f"not a state file name: {name!r}")
+        return cls(name, int(data["bytes"]), int(data["crc32"]))
+
+
+def describe(path: Path) -> StoredFile:
+    """Size and CRC32 of a file as it is on disk."""
+    crc, size = 0, 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            crc = zlib.crc32(chunk, crc)
+            size += len(chunk)
+    return StoredFile(path.name, size, crc)
+
+
+def replace_with(path: Path, write: Callable[[Path], object]) -> StoredFile:
+    """`write(tmp_path)` writes a file that replaces `path` only once complete; returns what
+    was written, read back from the disk."""
     tmp = temp_path_beside(path)
     try:
         write(tmp)
+        stored = describe(tmp)
         commit_temp(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+    return StoredFile(path.name, stored.size, stored.crc32)
 
 
 class Session:
-    """An open, locked session directory."""
+    """An open, locked session directory. `notices` says what was repaired when it opened."""
 
-    def __init__(self, directory: Path, lock_fd: int):
+    def __init__(
+        self,
+        directory: Path,
+        lock: BaseFileLock,
+        meta: dict[str, Any],
+        notices: list[str] | None = None,
+    ):
         self.dir = directory
         self.name = directory.name
-        self._lock_fd: int | None = lock_fd
-        self.meta: dict[str, Any] = read_meta(directory)
-
-    @property
-    def state_path(self) -> Path:
-        return self.dir / STATE
+        self._lock: BaseFileLock | None = lock
+        self.meta = meta
+        self.notices = notices or []
 
     @property
     def transcript_path(self) -> Path:
@@ -86,27 +139,57 @@ class Session:
 
     def append(self, record: dict[str, Any]) -> None:
         append_jsonl(self.transcript_path, {**record, "ts": now_iso()})
+        pause_for_tests(f"after-append-{record.get('role') or record.get('event')}")
 
     def save_meta(self) -> None:
         self.meta["updated"] = now_iso()
         atomic_write_json(self.dir / META, self.meta)
 
-    @property
-    def memory_path(self) -> Path:
-        return self.dir / MEMORY
+    def commit_kv(
+        self,
+        kv: dict[str, Any],
+        write_state: Callable[[Path], object],
+        write_memory: Callable[[Path], object] | None,
+    ) -> None:
+        """Save a new KV record: its files under a new generation's names, then meta.json
+        (the commit point), then the old generation's files go."""
+        generation = int((self.meta.get("kv") or {}).get("generation", 0)) + 1
+        state = replace_with(self.dir / f"state.{generation}.bin", write_state)
+        memory = None
+        if write_memory is not None:
+            memory = replace_with(self.dir / f"memory.{generation}.npz", write_memory)
+        self.meta["kv"] = {
+            **kv,
+            "generation": generation,
+            "state": state.to_dict(),
+            "memory": memory.to_dict() if memory else None,
+        }
+        pause_for_tests("before-meta")
+        self.save_meta()
+        pause_for_tests("after-meta")
+        self.remove_unreferenced()
 
-    def save_state(self, write: Callable[[Path], object]) -> None:
-        """`write(tmp_path)` writes the state; it replaces state.bin only once complete."""
-        replace_with(self.state_path, write)
+    def verified(self, stored: StoredFile) -> Path | None:
+        """The path of a KV record's file when it is there whole, as recorded; else None."""
+        path = self.dir / stored.name
+        try:
+            return path if describe(path) == stored else None
+        except OSError:
+            return None
 
-    def save_memory(self, write: Callable[[Path], object]) -> None:
-        replace_with(self.memory_path, write)
+    def remove_unreferenced(self) -> None:
+        """State files that no KV record points to, and temp files of writes a kill cut short."""
+        kv = self.meta.get("kv") or {}
+        keep = {(kv.get(key) or {}).get("file") for key in ("state", "memory")}
+        for path in self.dir.iterdir():
+            stale = KV_FILE.fullmatch(path.name) and path.name not in keep
+            if stale or (path.name.startswith(".") and path.name.endswith(".tmp")):
+                path.unlink(missing_ok=True)
 
     def close(self) -> None:
-        if self._lock_fd is not None:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
-            os.close(self._lock_fd)
-            self._lock_fd = None
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def __enter__(self) -> Session:
         return self
@@ -123,7 +206,7 @@ class SessionStore:
         return self.root / validate_name(name)
 
     def exists(self, name: str) -> bool:
-        return (self.path(name) / META).is_file()
+        return is_session_dir(self.path(name))
 
     def new_name(self) -> str:
         """A name for a new session, from the time, that no session has yet."""
@@ -135,36 +218,50 @@ class SessionStore:
         return name
 
     def open(self, name: str, create: bool = True) -> Session:
-        """Lock and open a session, creating it when `create` is set."""
+        """Lock and open a session, creating it when `create` is set. A damaged meta.json is
+        set aside and started afresh (the transcript rebuilds the rest)."""
         directory = self.path(name)
-        if not (directory / META).is_file():
+        if not is_session_dir(directory):
             if not create:
                 raise SessionNotFound(f"no session named {name!r} (flashmem sessions list)")
-            directory.mkdir(parents=True, exist_ok=True)
-        lock_fd = _lock(directory, name)
+            self.root.mkdir(parents=True, exist_ok=True)
+            make_private_dir(directory)
+        lock = try_lock(directory / LOCK)
+        if lock is None:
+            raise SessionInUse(f"session {name} is in use by another flashmem process")
         try:
-            if not (directory / META).is_file():
-                atomic_write_json(directory / META, new_meta(name))
-                (directory / TRANSCRIPT).touch()
+            if not (directory / TRANSCRIPT).is_file():
+                touch_private(directory / TRANSCRIPT)
             set_aside_torn_tail(directory / TRANSCRIPT)
-            return Session(directory, lock_fd)
+            meta, notices = read_or_renew_meta(directory)
+            session = Session(directory, lock, meta, notices)
+            session.remove_unreferenced()
+            return session
         except BaseException:
-            os.close(lock_fd)
+            lock.release()
             raise
 
     def list(self) -> list[SessionSummary]:
         if not self.root.is_dir():
             return []
-        return [summarize(d) for d in sorted(self.root.iterdir()) if (d / META).is_file()]
+        return [summarize(d) for d in sorted(self.root.iterdir()) if is_session_dir(d)]
 
     def remove(self, name: str) -> Path:
         """Move a session to the trash (the transcript is never destroyed); returns where."""
         with self.open(name, create=False) as session:
             trash = self.root.parent / "trash"
-            trash.mkdir(parents=True, exist_ok=True)
-            target = trash / f"{name}-{int(time.time())}"
-            shutil.move(str(session.dir), target)
+            make_private_dir(trash)
+            stamp = int(time.time())
+            target, n = trash / f"{name}-{stamp}", 1
+            while target.exists():  # the same name removed twice within a second
+                n += 1
+                target = trash / f"{name}-{stamp}-{n}"
+            session.dir.rename(target)
         return target
+
+
+def is_session_dir(directory: Path) -> bool:
+    return (directory / META).is_file() or (directory / TRANSCRIPT).is_file()
 
 
 def new_meta(name: str) -> dict[str, Any]:
@@ -180,10 +277,14 @@ def new_meta(name: str) -> dict[str, Any]:
     }
 
 
+class SessionFromNewerVersion(SessionCorrupt):
+    """meta.json of a format this flashmem does not know: left alone, never renewed."""
+
+
 def read_meta(directory: Path) -> dict[str, Any]:
     try:
-        meta = json.loads((directory / META).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+        meta = json.loads((directory / META).read_bytes().decode("utf-8"))
+    except (OSError, ValueError) as exc:
         raise SessionCorrupt(
             f"session {directory.name!r} has an unreadable meta.json: {exc}"
         ) from exc
@@ -192,13 +293,35 @@ def read_meta(directory: Path) -> dict[str, Any]:
         and isinstance(meta.get("model") or {}, dict)
         and isinstance(meta.get("kv") or {}, dict)
         and isinstance(meta.get("n_ctx") or 0, int)
+        and isinstance(meta.get("format"), int)
     ):
         raise SessionCorrupt(f"session {directory.name!r} has a meta.json of the wrong shape")
-    if meta.get("format") != FORMAT_VERSION:
-        raise SessionCorrupt(
-            f"session {directory.name!r} has format {meta.get('format')}, expected {FORMAT_VERSION}"
+    if meta["format"] > FORMAT_VERSION:
+        raise SessionFromNewerVersion(
+            f"session {directory.name!r} was written by a newer flashmem (format "
+            f"{meta['format']}; this one reads up to {FORMAT_VERSION})"
         )
+    meta["format"] = FORMAT_VERSION  # format 1's KV record has no "state": it is rebuilt
     return meta
+
+
+def read_or_renew_meta(directory: Path) -> tuple[dict[str, Any], list[str]]:
+    """meta.json, or a new one when it is missing or damaged (the damaged one set aside)."""
+    path = directory / META
+    if not path.exists():
+        meta = new_meta(directory.name)
+        atomic_write_json(path, meta)
+        return meta, []
+    try:
+        return read_meta(directory), []
+    except SessionFromNewerVersion:
+        raise
+    except SessionCorrupt as exc:
+        aside = path.with_name(f"{META}.damaged-{int(time.time())}")
+        path.rename(aside)
+        meta = new_meta(directory.name)
+        atomic_write_json(path, meta)
+        return meta, [f"{exc}; set it aside as {aside.name} and started a new one"]
 
 
 def read_transcript(directory: Path) -> list[dict[str, Any]]:
@@ -207,7 +330,8 @@ def read_transcript(directory: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     records = []
-    lines = path.read_text(encoding="utf-8").splitlines()
+    # bytes that are not UTF-8 (written by another program) read as U+FFFD; the file keeps them
+    lines = path.read_bytes().decode("utf-8", "replace").splitlines()
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -241,7 +365,7 @@ def set_aside_torn_tail(path: Path) -> None:
         return
     tail_start = data.rfind(b"\n") + 1
     aside = path.with_name(f"{path.name}.torn-{int(time.time())}")
-    aside.write_bytes(data[tail_start:])
+    atomic_write_bytes(aside, data[tail_start:])
     with open(path, "r+b") as f:
         f.truncate(tail_start)
         os.fsync(f.fileno())
@@ -253,21 +377,18 @@ def summarize(directory: Path) -> SessionSummary:
         records = read_transcript(directory)
     except SessionCorrupt:
         return SessionSummary(directory.name, 0, "", "(unreadable: sessions show NAME)", 0)
-    state = directory / STATE
+    state = ((meta.get("kv") or {}).get("state") or {}).get("bytes", 0)
     return SessionSummary(
         name=directory.name,
         messages=sum(1 for r in records if "role" in r),
         updated=meta.get("updated", ""),
         model=(meta.get("model") or {}).get("name", "-"),
-        state_bytes=state.stat().st_size if state.exists() else 0,
+        state_bytes=state if isinstance(state, int) else 0,
     )
 
 
-def _lock(directory: Path, name: str) -> int:
-    fd = os.open(directory / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise SessionInUse(f"session {name} is in use by another flashmem process") from None
-    return fd
+def pause_for_tests(point: str) -> None:
+    """The kill test's hook: with FLASHMEM_TEST_KILL_AT=point the process kills itself there,
+    as a power cut or `kill -9` would at that moment."""
+    if os.environ.get("FLASHMEM_TEST_KILL_AT") == point:
+        os.kill(os.getpid(), signal.SIGKILL)
