@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any
@@ -28,6 +29,7 @@ from flashmem_cli.chat.conversation import (
 )
 from flashmem_cli.chat.layout import conversation_messages
 from flashmem_cli.chat.memory import MemoryOptions, resolve_tau, weights_status
+from flashmem_cli.chat.reports import MemoryReport, TurnMemory
 from flashmem_cli.config import (
     DEFAULT_CTX,
     DEFAULT_N_PREDICT,
@@ -36,10 +38,11 @@ from flashmem_cli.config import (
     sessions_dir,
 )
 from flashmem_cli.engine.sampling import RANDOM_SEED, SamplingParams
-from flashmem_cli.errors import FlashmemError
+from flashmem_cli.errors import FlashmemError, SessionCorrupt
+from flashmem_cli.store.meta import read_meta
 from flashmem_cli.store.sessions import (
     SessionStore,
-    read_meta,
+    is_session_dir,
     read_transcript,
     validate_name,
 )
@@ -61,6 +64,7 @@ app.add_typer(eval_app, name="eval")
 
 MAX_CTX = 1 << 20
 MAX_SEED = (1 << 32) - 2  # 2**32 - 1 is llama.cpp's "random"
+MAX_THREADS = 512  # ggml's GGML_MAX_N_THREADS: more aborts inside llama.cpp
 
 console = Console()
 err_console = Console(stderr=True, soft_wrap=True)
@@ -85,10 +89,35 @@ GpuLayersOpt = Annotated[
         help="Layers to offload (default: all when the build has GPU offload)",
     ),
 ]
-ThreadsOpt = Annotated[int | None, typer.Option("-t", "--threads", help="CPU threads.", min=1)]
+
+
+def finite(rule: str = "must be a finite number") -> Callable[[float | None], float | None]:
+    """The callback of every float option: NaN and infinities are usage errors (click's
+    FloatRange lets NaN through, and `inf` passes any lower bound)."""
+
+    def check(value: float | None) -> float | None:
+        if value is not None and not math.isfinite(value):
+            raise typer.BadParameter(f"{rule}, not {value}")
+        return value
+
+    return check
+
+
+def check_n_predict(value: int) -> int:
+    """The callback of every -n: -1 (no limit) or a positive number of tokens."""
+    if value != -1 and value < 1:
+        raise typer.BadParameter(
+            f"must be -1 (no limit) or a positive number of tokens, not {value}"
+        )
+    return value
+
+
+ThreadsOpt = Annotated[
+    int | None, typer.Option("-t", "--threads", help="CPU threads.", min=1, max=MAX_THREADS)
+]
 TopKOpt = Annotated[int, typer.Option("--top-k", min=0)]
-TopPOpt = Annotated[float, typer.Option("--top-p", min=0.0, max=1.0)]
-MinPOpt = Annotated[float, typer.Option("--min-p", min=0.0, max=1.0)]
+TopPOpt = Annotated[float, typer.Option("--top-p", min=0.0, max=1.0, callback=finite())]
+MinPOpt = Annotated[float, typer.Option("--min-p", min=0.0, max=1.0, callback=finite())]
 
 
 LatentsOpt = Annotated[
@@ -112,6 +141,7 @@ BudgetOpt = Annotated[
         "--budget",
         help="Consolidate when the KV cache would pass this: a fraction of -c (<= 1) or tokens.",
         min=0.05,
+        callback=finite("must be a fraction of -c (up to 1) or a number of tokens"),
     ),
 ]
 KeepRatioOpt = Annotated[
@@ -122,6 +152,7 @@ KeepRatioOpt = Annotated[
         "plus the latents.",
         min=0.0,
         max=1.0,
+        callback=finite(),
     ),
 ]
 
@@ -171,10 +202,15 @@ def chat(
     n_predict: Annotated[
         int,
         typer.Option(
-            "-n", "--n-predict", help="Most tokens per reply (-1: until the model stops)."
+            "-n",
+            "--n-predict",
+            help="Most tokens per reply (-1: until the model stops).",
+            callback=check_n_predict,
         ),
     ] = DEFAULT_N_PREDICT,
-    temp: Annotated[float, typer.Option("--temp", help="Temperature; 0 is greedy.", min=0.0)] = 0.8,
+    temp: Annotated[
+        float, typer.Option("--temp", help="Temperature; 0 is greedy.", min=0.0, callback=finite())
+    ] = 0.8,
     top_k: TopKOpt = 40,
     top_p: TopPOpt = 0.95,
     min_p: MinPOpt = 0.05,
@@ -205,12 +241,18 @@ def chat(
     latents: ChatLatentsOpt = None,
     tau: Annotated[
         float | None,
-        typer.Option("--tau", help="Monitor threshold (default: the model's calibration)."),
+        typer.Option(
+            "--tau", help="Monitor threshold (default: the model's calibration).", callback=finite()
+        ),
     ] = None,
     tau_percentile: Annotated[
         float | None,
         typer.Option(
-            "--tau-percentile", help="τ as this percentile of the calibration.", min=0, max=100
+            "--tau-percentile",
+            help="τ as this percentile of the calibration.",
+            min=0,
+            max=100,
+            callback=finite(),
         ),
     ] = None,
     max_consolidations: Annotated[
@@ -236,11 +278,12 @@ def chat(
     name = validate_name(session) if session else store().new_name()
     if stateless and rebuild:
         raise FlashmemError("--stateless and --rebuild exclude each other")
-    if n_predict == 0:
-        raise FlashmemError("-n must be -1 (no limit) or a positive number of tokens")
-    check_budget(budget)
-    if prompt is None and not sys.stdin.isatty():
-        prompt = sys.stdin.read().removesuffix("\n")
+    if prompt is not None:
+        prompt = utf8_text(prompt, "the message")
+    elif not sys.stdin.isatty():
+        prompt = read_stdin_message()
+    if system is not None:
+        system = utf8_text(system, "the system prompt")
     options = ChatOptions(
         model=model,
         n_ctx=ctx_size,
@@ -256,7 +299,7 @@ def chat(
             budget=budget,
             tau=tau,
             tau_percentile=tau_percentile,
-            max_consolidations=max_consolidations,
+            max_insertions=max_consolidations,
             inject_in_reply=inject,
         ),
     )
@@ -298,19 +341,24 @@ def turn_json(conversation: Conversation, result: TurnResult) -> dict[str, Any]:
             "generated": result.generated_tokens,
         },
         "dropped_turns": result.dropped_turns,
+        "notices": result.notices,
         "timings_ms": {"load_model": conversation.loaded.load_ms, **result.timings_ms},
         "memory": {
-            "enabled": conversation.memory is not None,
-            "consolidations": result.memory.get("consolidations", []),
-            "entropy": result.memory.get("entropy", []),
-            "triggers": result.memory.get("triggers", []),
+            "enabled": result.memory is not None,
+            **(result.memory or TurnMemory([], [], [])).to_dict(),
         },
     }
 
 
+def report_notices(notices: list[str]) -> None:
+    for notice in notices:
+        err_console.print(f"[yellow]note:[/] {escape(notice)}", highlight=False)
+
+
 def report_turn(result: TurnResult) -> None:
-    for event in result.memory.get("consolidations", []):
-        err_console.print(f"[magenta]memory:[/] [dim]{describe_event(event)}[/]")
+    report_notices(result.notices)
+    for event in result.memory.consolidations if result.memory else []:
+        err_console.print(f"[magenta]memory:[/] [dim]{escape(event.describe())}[/]")
     if result.dropped_turns:
         err_console.print(
             f"[yellow]context full: dropped the {result.dropped_turns} oldest turn(s) from the KV "
@@ -320,23 +368,36 @@ def report_turn(result: TurnResult) -> None:
         err_console.print("[dim](reply cut at the token limit)[/]")
 
 
-def check_budget(budget: float) -> None:
-    if not math.isfinite(budget):
-        raise FlashmemError("--budget must be a fraction of -c (up to 1) or a number of tokens")
+def not_utf8(what: str, offset: int) -> FlashmemError:
+    return FlashmemError(f"{what} is not UTF-8: invalid byte at offset {offset}")
 
 
-def describe_event(event: dict[str, Any]) -> str:
-    if event["kind"] == "monitor":
-        return (
-            f"attention entropy passed τ at reply token {event['step']}: "
-            f"{event['latents']} latents inserted ({event['ms']:.0f} ms)"
-        )
-    what = f"{event['turns']} oldest turn(s)" if event["turns"] else "older memory"
-    return (
-        f"context at budget: consolidated {what}, {event['span_tokens']} tokens -> "
-        f"{event['kept']} kept + {event['latents']} latents ({event['ms']:.0f} ms; "
-        "the transcript keeps everything)"
-    )
+def utf8_text(data: bytes | str, what: str) -> str:
+    """`data` as text; refused, with the offset of the first bad byte, unless it is UTF-8.
+    A str comes from the command line or the terminal, where Python keeps bytes it could not
+    decode as surrogate escapes: those are turned back into the bytes first."""
+    if isinstance(data, str):
+        try:
+            raw = data.encode("utf-8", "surrogateescape")
+        except UnicodeEncodeError as exc:  # a lone surrogate that is no escape (Windows argv)
+            raw = data[: exc.start].encode("utf-8", "surrogateescape")
+            utf8_text(raw, what)  # a bad byte before it comes first
+            raise not_utf8(what, len(raw)) from None
+    else:
+        raw = data
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise not_utf8(what, exc.start) from None
+
+
+def read_stdin_message() -> str:
+    """Standard input as one message, read as bytes so that invalid UTF-8 is refused."""
+    stream = getattr(sys.stdin, "buffer", None)
+    text = utf8_text(stream.read() if stream else sys.stdin.read(), "standard input")
+    if sys.platform == "win32":  # what text-mode stdin did there
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+    return text.removesuffix("\n")
 
 
 REPL_HELP = """[bold]/help[/]    this list
@@ -348,7 +409,9 @@ End a line with \\ to continue it; a line of \"\"\" starts or ends a block."""
 
 
 def repl(conversation: Conversation) -> None:
-    stats = conversation.stats()
+    report_notices(conversation.notices)
+    conversation.notices.clear()
+    stats = conversation.stats().to_dict()
     err_console.print(
         f"[dim]session[/] [bold]{stats['session']}[/] [dim]· {stats['model']} · "
         f"{stats['kv_tokens']} tokens cached · /help[/]"
@@ -380,9 +443,16 @@ def read_message() -> str | None:
     in_block = False
     while True:
         try:
-            line = console.input("[bold green]you>[/] " if not lines else "[dim]...[/]  ")
+            line = utf8_text(
+                console.input("[bold green]you>[/] " if not lines else "[dim]...[/]  "), "the line"
+            )
         except EOFError:
             return None if not lines else "\n".join(lines)
+        except (UnicodeDecodeError, FlashmemError) as exc:  # refused; the user types it again
+            if isinstance(exc, UnicodeDecodeError):  # a terminal that decodes strictly
+                exc = not_utf8("the line", exc.start)
+            err_console.print(f"[red]error:[/] {escape(str(exc))}", highlight=False)
+            continue
         if line.strip() == '"""':
             if in_block:
                 return "\n".join(lines)
@@ -405,7 +475,7 @@ def run_slash_command(conversation: Conversation, command: str) -> None:
         console.print("[dim]conversation reset; the transcript keeps the old turns[/]")
     elif command == "/stats":
         table = Table(show_header=False, box=None)
-        for key, value in conversation.stats().items():
+        for key, value in conversation.stats().to_dict().items():
             table.add_row(f"[dim]{key}[/]", str(value))
         console.print(table)
     elif command == "/memory":
@@ -414,20 +484,20 @@ def run_slash_command(conversation: Conversation, command: str) -> None:
         console.print(f"[red]unknown command {command}[/] (/help lists them)")
 
 
-def print_memory(report: dict[str, Any]) -> None:
+def print_memory(report: MemoryReport) -> None:
     table = Table(show_header=False, box=None)
-    for key, value in report["settings"].items():
+    for key, value in report.settings.items():
         table.add_row(f"[dim]{key}[/]", str(value))
     console.print(table)
     blocks = Table("latent block", "positions", "tokens")
-    for block in report["latent_blocks"]:
-        start, length = block["start"], block["length"]
-        blocks.add_row(str(block["index"]), f"{start}-{start + length - 1}", str(length))
-    console.print(blocks if report["latent_blocks"] else "[dim]no latents in the cache[/]")
+    for block in report.latent_blocks:
+        end = block.start + block.length - 1
+        blocks.add_row(str(block.index), f"{block.start}-{end}", str(block.length))
+    console.print(blocks if report.latent_blocks else "[dim]no latents in the cache[/]")
     events = Table("when", "event")
-    for event in report["events"]:
-        events.add_row(event.get("ts", ""), describe_event(event))
-    console.print(events if report["events"] else "[dim]no consolidations yet[/]")
+    for event in report.events:
+        events.add_row(event.ts, escape(event.describe()))
+    console.print(events if report.events else "[dim]no consolidations yet[/]")
 
 
 # -- run ------------------------------------------------------------------------------------
@@ -467,11 +537,17 @@ def run_batch(
             "-n",
             "--n-predict",
             help="Most tokens per reply unless a line sets max_tokens (-1: until the model stops).",
+            callback=check_n_predict,
         ),
     ] = DEFAULT_N_PREDICT,
     temp: Annotated[
         float,
-        typer.Option("--temp", help="Temperature unless a line sets one; 0 is greedy.", min=0.0),
+        typer.Option(
+            "--temp",
+            help="Temperature unless a line sets one; 0 is greedy.",
+            min=0.0,
+            callback=finite(),
+        ),
     ] = 0.8,
     top_k: TopKOpt = 40,
     top_p: TopPOpt = 0.95,
@@ -487,8 +563,6 @@ def run_batch(
 
     Exit status: 0 when every line succeeded, 2 when some failed (see ERR), 1 on a fatal error.
     """
-    if n_predict == 0:
-        raise FlashmemError("-n must be -1 (no limit) or a positive number of tokens")
     source = None if file == "-" else Path(file)
     default_out, default_err = default_paths(source) if source else (None, None)
     plan = RunPlan(
@@ -642,10 +716,17 @@ def sessions_rm(name: str) -> None:
 
 
 def load_session_files(name: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """A session's meta.json and transcript, read without locking or changing anything; a
+    damaged meta.json is reported and left for the next chat to renew."""
     directory = store().path(name)
-    if not (directory / "meta.json").is_file():
+    if not is_session_dir(directory):
         raise FlashmemError(f"no session named {name!r} (flashmem sessions list)")
-    return read_meta(directory), read_transcript(directory)
+    try:
+        meta = read_meta(directory).to_dict()
+    except SessionCorrupt as exc:
+        report_notices([f"{exc} (the next chat in it renews it from the transcript)"])
+        meta = {}
+    return meta, read_transcript(directory)
 
 
 def export_markdown(name: str, records: list[dict[str, Any]]) -> str:
@@ -718,19 +799,21 @@ def calibrate_command(
         typer.Option("--corpus", help="UTF-8 text to read (default: a built-in corpus)."),
     ] = None,
     percentile: Annotated[
-        float, typer.Option("--percentile", help="τ as this percentile.", min=0, max=100)
+        float,
+        typer.Option(
+            "--percentile", help="τ as this percentile.", min=0, max=100, callback=finite()
+        ),
     ] = 85.0,
     n_gpu_layers: GpuLayersOpt = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Measure the memory monitor's τ for a model; stored beside it in models/."""
     from flashmem_cli.calibrate import calibrate
-    from flashmem_cli.chat.conversation import load_model
     from flashmem_cli.memory.calibration import builtin_corpus
 
     file = models.resolve(model)
     text, name = (read_text_file(corpus), str(corpus)) if corpus else (builtin_corpus(), "built-in")
-    loaded = load_model(file, n_gpu_layers)
+    loaded = models.load_model(file, n_gpu_layers)
     try:
         with steps_progress("calibrate", enabled=not as_json) as advance:
             calibration, path = calibrate(loaded.model, file, text, name, percentile, advance)
@@ -768,17 +851,22 @@ def eval_recall(
         str, typer.Option("--policies", help="Comma-separated subset of the policies.")
     ] = ",".join(POLICIES),
     limit: Annotated[int | None, typer.Option("--limit", help="First N cases only.", min=1)] = None,
+    answers: Annotated[
+        bool,
+        typer.Option(
+            "--answers/--no-answers", help="Also answer each probe greedily (the accuracy)."
+        ),
+    ] = True,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Teacher-forced recall of early facts under full / truncate / flashmem / ablations.
 
-    gap_recovered = (flashmem - truncate) / (full - truncate), over the probes truncation hurt.
+    gap_recovered = (flashmem - truncate) / (full - truncate), over the probes truncation hurt;
+    accuracy: greedy replies that contain the answer. Both with bootstrap 95% intervals.
     """
     from flashmem_cli.bench.recall import RecallSettings, run_recall
     from flashmem_cli.bench.recall_cases import parse_cases
-    from flashmem_cli.chat.conversation import load_model
 
-    check_budget(budget)
     chosen = tuple(p.strip() for p in policies.split(",") if p.strip())
     unknown = [p for p in chosen if p not in POLICIES]
     if unknown or not chosen:
@@ -787,8 +875,8 @@ def eval_recall(
         )
     cases = parse_cases(read_text_file(file).splitlines(), str(file))[:limit]
     memory = MemoryOptions(n_latents=latents, budget=budget, keep_ratio=keep_ratio)
-    settings = RecallSettings(ctx_size, memory, chosen)
-    loaded = load_model(models.resolve(model), n_gpu_layers)
+    settings = RecallSettings(ctx_size, memory, chosen, generate=answers)
+    loaded = models.load_model(models.resolve(model), n_gpu_layers)
     try:
         with steps_progress("recall", enabled=not as_json) as advance:
             total = len(cases) * len(chosen)
@@ -806,19 +894,46 @@ def eval_recall(
 
 
 def print_recall(result: dict[str, Any], policies: tuple[str, ...]) -> None:
-    def shown(value: float | None) -> str:
-        return "-" if value is None else f"{value:.3f}"
-
     table = Table("case", *policies, title="mean log-prob per answer token (higher is better)")
     for case in result["cases"]:
-        table.add_row(case["id"], *(shown(case["policies"][p]["mean"]) for p in policies))
+        table.add_row(case["id"], *(_shown(case["policies"][p]["mean"]) for p in policies))
     summary = result["summary"]
     means = summary.get("mean_logprob", {})
-    table.add_row("[bold]all[/]", *(f"[bold]{shown(means.get(p))}[/]" for p in policies))
+    table.add_row("[bold]all[/]", *(f"[bold]{_shown(means.get(p))}[/]" for p in policies))
     console.print(table)
+    console.print(recall_summary_table(summary, policies))
     for key, value in summary.items():
-        if key.startswith("gap_recovered") or key.startswith("probes"):
+        if key.startswith("probes"):
             console.print(f"[dim]{key}:[/] {value}")
+
+
+def recall_summary_table(summary: dict[str, Any], policies: tuple[str, ...]) -> Table:
+    """Per policy: mean log-prob, gap recovered and accuracy with their 95% intervals, and the
+    compression its consolidations reached."""
+    table = Table("policy", "mean log-prob", "gap_recovered", "accuracy", "compression")
+    for policy in policies:
+        key = "gap_recovered" if policy == "flashmem" else f"gap_recovered_{policy}"
+        gap = {"full": 1.0, "truncate": 0.0}.get(policy, summary.get(key))
+        compression = summary.get("compression", {}).get(policy)
+        table.add_row(
+            policy,
+            _shown(summary.get("mean_logprob", {}).get(policy)),
+            _with_ci(gap, summary.get("gap_recovered_ci", {}).get(policy)),
+            _with_ci(
+                summary.get("accuracy", {}).get(policy),
+                summary.get("accuracy_ci", {}).get(policy),
+            ),
+            "-" if compression is None else f"{compression:.2f}x",
+        )
+    return table
+
+
+def _shown(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def _with_ci(value: float | None, ci: list[float] | None) -> str:
+    return _shown(value) + ("" if ci is None else f" [{ci[0]:.2f}, {ci[1]:.2f}]")
 
 
 class steps_progress:  # noqa: N801 - used as a function in `with`
@@ -844,10 +959,9 @@ class steps_progress:  # noqa: N801 - used as a function in `with`
 
 
 def read_text_file(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise FlashmemError(f"{path} is not UTF-8 text") from None
+    """A UTF-8 file's text, newlines translated as text mode does."""
+    text = utf8_text(path.read_bytes(), str(path))
+    return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
 def human_bytes(n: int) -> str:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from flashmem_cli.config import MODEL_ENV, models_dir
 from flashmem_cli.engine.backend import Model
+from flashmem_cli.engine.templates import ChatTemplate, select_template
 from flashmem_cli.errors import ModelNotFound
 
 DEFAULT_MODEL = "gemma-3-270m-q4_k_m"
@@ -22,6 +24,30 @@ class ModelFile:
     path: Path
     size: int
     fingerprint: str
+
+
+@dataclass
+class LoadedModel:
+    file: ModelFile
+    model: Model
+    load_ms: float
+
+
+def load_model(file: ModelFile, n_gpu_layers: int | None) -> LoadedModel:
+    start = time.perf_counter()
+    model = Model(file.path, n_gpu_layers=n_gpu_layers)
+    return LoadedModel(file, model, round((time.perf_counter() - start) * 1000, 2))
+
+
+def chat_template_for(model: Model) -> ChatTemplate:
+    """The GGUF's own chat template, else a built-in one for its architecture."""
+    architecture = model.meta("general.architecture") or "unknown"
+    return select_template(
+        model.chat_template(),
+        architecture,
+        model.token_text(model.bos),
+        model.token_text(model.eos),
+    )
 
 
 def resolve(spec: str | None) -> ModelFile:

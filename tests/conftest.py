@@ -1,4 +1,5 @@
-"""Shared fixtures. Model tests use the real default model that `make install` assembles."""
+"""Shared fixtures. Model tests (marked `model`) use the real default model that `make install`
+assembles; every test gets a models directory of its own, so none writes into the checkout."""
 
 from __future__ import annotations
 
@@ -10,14 +11,27 @@ from pathlib import Path
 
 import pytest
 
-from flashmem_cli.config import models_dir
+from flashmem_cli.config import MODELS_DIR_ENV, models_dir
 from flashmem_cli.models import DEFAULT_MODEL
 
-MODEL_PATH = models_dir() / f"{DEFAULT_MODEL}.gguf"
+MODEL_PATH = models_dir() / f"{DEFAULT_MODEL}.gguf"  # found before any test moves models_dir()
+
+
+@pytest.fixture(autouse=True)
+def models_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """`$FLASHMEM_MODELS_DIR` for every test (subprocesses inherit it): a fresh directory holding
+    a link to the real default model, so consolidator weights and calibrations land there, and
+    none a developer left in models/ is read."""
+    directory = tmp_path_factory.mktemp("models")
+    if MODEL_PATH.is_file():
+        (directory / MODEL_PATH.name).symlink_to(MODEL_PATH.resolve())
+    monkeypatch.setenv(MODELS_DIR_ENV, str(directory))
+    return directory
 
 
 @pytest.fixture(scope="session")
 def model_path() -> Path:
+    """The real file (not the test's link to it)."""
     assert MODEL_PATH.is_file(), f"{MODEL_PATH} is missing: run `make install`"
     return MODEL_PATH
 

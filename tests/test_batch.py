@@ -10,12 +10,15 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 from conftest import run_cli
 from openai.types import Completion
 from openai.types.chat import ChatCompletion
 
 from flashmem_cli.engine.backend import Context, ContextParams, Model
 from flashmem_cli.engine.sequence import KVSequence
+
+pytestmark = pytest.mark.model
 
 GREEDY = ["--temp", "0", "-c", "256", "-t", "2", "-q"]
 NEAR_TIE = 0.5  # logits; batched kernels are not batch-invariant (see the note on issue 4)
@@ -254,9 +257,8 @@ def test_standard_input_to_standard_output(home, model_path):
 def test_a_shared_system_prompt_is_decoded_once(home, model_path):
     from flashmem_cli.batch.requests import parse_lines
     from flashmem_cli.batch.scheduler import BatchScheduler, BatchSettings
-    from flashmem_cli.chat.conversation import load_model
     from flashmem_cli.engine.sampling import SamplingParams
-    from flashmem_cli.models import describe
+    from flashmem_cli.models import describe, load_model
     from flashmem_cli.store.sessions import SessionStore
 
     lines = [chat_line(f"c{i}", f"Question {i}?", tokens=4) for i in range(3)]

@@ -132,3 +132,38 @@ def test_resume_cuts_a_torn_last_line_and_collects_what_is_done(tmp_path):
     assert done.ids == {"a", "b"} and done.error_lines == {4}
     assert out.read_text().endswith('"b"}\n')
     assert read_repaired(tmp_path / "missing.jsonl") == []
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("max_tokens", "0"),
+        ("max_tokens", "-1"),
+        ("max_tokens", "-2"),
+        ("max_tokens", "0.0"),
+        ("max_completion_tokens", "0"),
+        ("max_completion_tokens", "-1"),
+    ],
+)
+def test_max_tokens_must_be_positive(field, value):
+    item = parse_one(f'{{"id": "a", "prompt": "x", "{field}": {value}}}')
+    assert isinstance(item, LineError) and item.code == "invalid_request"
+    assert item.message == f"{field} must be a positive integer, not {json.loads(value)}"
+    assert parse_one(f'{{"prompt": "x", "{field}": 1}}').max_tokens == 1
+
+
+@pytest.mark.parametrize(
+    "line, code",
+    [
+        (b'{"prompt": "x", "temperature": NaN}', "invalid_json"),
+        (b'{"prompt": "x", "temperature": -Infinity}', "invalid_json"),
+        (b'{"prompt": "x", "top_p": NaN}', "invalid_json"),
+        (b'{"prompt": "x", "top_p": Infinity}', "invalid_json"),
+        (b'{"prompt": "x", "temperature": 1e999}', "invalid_request"),
+        (b'{"prompt": "x", "top_p": -1e999}', "invalid_request"),
+        (b'{"prompt": "x", "max_tokens": -1e999}', "invalid_request"),
+    ],
+)
+def test_non_finite_numbers_are_refused(line, code):
+    item = parse_one(line)
+    assert isinstance(item, LineError) and item.code == code, item

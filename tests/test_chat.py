@@ -22,6 +22,7 @@ def transcript(home, name):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+@pytest.mark.model
 def test_resumed_in_new_processes_equals_one_process(home, model_path):
     options = ChatOptions(n_ctx=512, n_threads=2, n_predict=12, sampling=SamplingParams(0))
     with open_conversation(SessionStore(sessions_dir()), "one", options) as conversation:
@@ -38,6 +39,7 @@ def test_resumed_in_new_processes_equals_one_process(home, model_path):
     ]
 
 
+@pytest.mark.model
 def test_json_output_has_the_documented_fields(home, model_path):
     result = run_json("chat", "-s", "j", *FLAGS, "-p", "Hi")
     assert set(result) >= {"session", "reply", "prompt_text", "tokens", "timings_ms"}
@@ -46,6 +48,7 @@ def test_json_output_has_the_documented_fields(home, model_path):
     assert result["prompt_text"].startswith("<bos><start_of_turn>user\nHi")
 
 
+@pytest.mark.model
 def test_stdin_is_one_message_and_system_prompt_leads(home, model_path):
     proc = run_cli("chat", "-s", "in", *FLAGS, "-sys", "Be brief.", stdin="line one\nline two\n")
     assert proc.returncode == 0, proc.stderr
@@ -54,6 +57,7 @@ def test_stdin_is_one_message_and_system_prompt_leads(home, model_path):
     assert records[1]["content"] == "line one\nline two"
 
 
+@pytest.mark.model
 def test_stateless_reprocesses_everything_and_keeps_appending(home, model_path):
     first = run_json("chat", "-s", "st", *FLAGS, "-p", "One")
     second = run_json("chat", "-s", "st", *FLAGS, "-p", "Two", "--stateless")
@@ -79,12 +83,14 @@ def assert_one_line_error(proc, fragment):
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.model
 def test_missing_model_lists_models_dir(home, model_path):
     proc = run_cli("chat", "-s", "m", "-m", "no-such-model", "-p", "hi")
     assert_one_line_error(proc, "not found")
     assert "gemma-3-270m-q4_k_m" in proc.stderr
 
 
+@pytest.mark.model
 def test_a_file_that_is_not_gguf_is_refused(home, model_path, tmp_path):
     fake = tmp_path / "fake.gguf"
     fake.write_text("hello")
@@ -95,6 +101,7 @@ def test_invalid_session_name(home):
     assert_one_line_error(run_cli("chat", "-s", "no/slashes", "-p", "hi"), "invalid session name")
 
 
+@pytest.mark.model
 def test_session_in_use(home, model_path):
     run_json("chat", "-s", "busy", *FLAGS, "-p", "first")
     before = transcript(home, "busy")
@@ -133,6 +140,7 @@ def damage_session(session_dir, damage):
         meta_path.write_text(json.dumps(meta))
 
 
+@pytest.mark.model
 @pytest.mark.parametrize(
     "damage, fragment",
     [
@@ -169,6 +177,7 @@ def test_a_damaged_or_stale_state_is_rebuilt_from_the_transcript(
     assert again["tokens"]["new_prompt"] == own_turn_tokens(model_path, "Thanks.")
 
 
+@pytest.mark.model
 def test_rebuild_forces_a_rebuild_without_a_notice(home, model_path):
     run_json("chat", "-s", "r", *FLAGS, "-p", "Remember the word apple.")
     rebuilt = run_json("chat", "-s", "r", *FLAGS, "-p", "What word?", "--rebuild")
@@ -176,6 +185,7 @@ def test_rebuild_forces_a_rebuild_without_a_notice(home, model_path):
     assert rebuilt["tokens"]["cached"] > 0
 
 
+@pytest.mark.model
 @pytest.mark.parametrize("memory", [False, True])
 def test_a_full_context_drops_or_consolidates_and_keeps_the_transcript(home, model_path, memory):
     flags = ["--temp", "0", "-n", "24", "-c", "256", "-t", "2", "-sys", "You are a bot."]
@@ -201,6 +211,7 @@ def test_a_full_context_drops_or_consolidates_and_keeps_the_transcript(home, mod
     assert "dropped" in proc.stderr or "new prompt tokens" in proc.stderr
 
 
+@pytest.mark.model
 def test_a_message_longer_than_the_context_is_refused_and_not_recorded(home, model_path):
     run_json("chat", "-s", "long", *FLAGS, "-p", "hello")
     before = transcript(home, "long")
@@ -209,6 +220,7 @@ def test_a_message_longer_than_the_context_is_refused_and_not_recorded(home, mod
     assert transcript(home, "long") == before
 
 
+@pytest.mark.model
 def test_a_system_prompt_alone_waits_and_stays_pinned(home, model_path):
     options = ChatOptions(n_ctx=512, n_threads=2, n_predict=4, sampling=SamplingParams(0))
     store = SessionStore(sessions_dir())
@@ -217,7 +229,7 @@ def test_a_system_prompt_alone_waits_and_stays_pinned(home, model_path):
     with open_conversation(store, "sys", options) as conversation:
         result = conversation.send("Hi")
         assert result.prompt_text.startswith("<bos><start_of_turn>user\nYou are a careful")
-        pinned = conversation.stats()["pinned_tokens"]
+        pinned = conversation.stats().pinned_tokens
     with Model(model_path, n_gpu_layers=0) as model:
         assert pinned == len(
             model.tokenize(
@@ -226,6 +238,7 @@ def test_a_system_prompt_alone_waits_and_stays_pinned(home, model_path):
         )
 
 
+@pytest.mark.model
 def test_ctrl_c_keeps_the_partial_reply_and_the_session_goes_on(home, model_path):
     import signal
     import subprocess
@@ -268,6 +281,7 @@ def test_ctrl_c_keeps_the_partial_reply_and_the_session_goes_on(home, model_path
     assert again["tokens"]["new_prompt"] == own_turn_tokens(model_path, "Go on.")
 
 
+@pytest.mark.model
 def test_a_system_prompt_too_long_for_the_context_is_refused(home, model_path):
     proc = run_cli("chat", "-s", "big", "-c", "256", "-sys", "word " * 300, "-p", "hi")
     assert_one_line_error(proc, "the system prompt is")

@@ -13,6 +13,8 @@ from flashmem_cli.engine.sampling import Sampler, SamplingParams
 from flashmem_cli.engine.sequence import KVSequence
 from flashmem_cli.store.sessions import SessionStore
 
+pytestmark = pytest.mark.model
+
 PROMPTS = [
     "What is the capital of France?",
     "Write a haiku about the sea.",

@@ -47,6 +47,7 @@ def test_trigger_respects_tau_budget_and_gap():
     assert fired == [0, 5]
 
 
+@pytest.mark.model
 def test_last_layer_attention_is_captured_as_llama_cpp_computes_it(model_path):
     captured: list[np.ndarray] = []
 
@@ -117,6 +118,7 @@ def test_the_compiled_filter_forwards_only_wanted_nodes():
     assert seen == ["kq_soft_max-17", "result_norm"]
 
 
+@pytest.mark.model
 def test_gguf_rows_match_the_official_reader_on_a_few_rows(model_path):
     from gguf.quants import dequantize
 
@@ -135,6 +137,7 @@ def test_gguf_rows_match_the_official_reader_on_a_few_rows(model_path):
             tensors.rows("token_embd.weight", [262144])
 
 
+@pytest.mark.model
 def test_own_scaled_embedding_rows_reproduce_the_token_run(model_path):
     from flashmem_cli.memory.gguf_tensors import GGUFTensors
 
@@ -176,6 +179,7 @@ def decode_one_token_capturing(model, names):
     return captured, state, len(tokens)
 
 
+@pytest.mark.model
 def test_frozen_kv_from_the_state_and_the_own_query_reproduce_llama_cpps_attention(model_path):
     with Model(model_path, n_gpu_layers=0) as model:
         names = ["Qcur-17", "kq_soft_max-17", "kqv_out-17"]
@@ -197,6 +201,7 @@ def test_frozen_kv_from_the_state_and_the_own_query_reproduce_llama_cpps_attenti
     assert np.corrcoef(output, expected)[0, 1] > 0.9999
 
 
+@pytest.mark.model
 def test_final_hidden_state_times_tied_embeddings_gives_the_logits(model_path):
     from flashmem_cli.memory.gguf_tensors import GGUFTensors
 
@@ -215,6 +220,7 @@ def test_final_hidden_state_times_tied_embeddings_gives_the_logits(model_path):
     assert np.corrcoef(recomputed, logits[top])[0, 1] > 0.99
 
 
+@pytest.mark.model
 def test_the_last_layer_in_numpy_over_the_frozen_kv_reproduces_llama_cpp(model_path):
     """The consolidator's layer: a numpy copy of layer 17 given llama.cpp's own input
     (l_out-16) and the cached K/V reproduces llama.cpp's layer output (l_out-17)."""

@@ -43,6 +43,7 @@ def memory_options(**overrides):
     return ChatOptions(**{**base, **overrides})
 
 
+@pytest.mark.model
 def test_tap_mass_sums_to_one_per_query_head_and_global_layer(model_path):
     with Model(model_path, n_gpu_layers=0) as model:
         info = model.info()
@@ -57,7 +58,9 @@ def test_tap_mass_sums_to_one_per_query_head_and_global_layer(model_path):
             seq.feed(model.tokenize(" then"))
             capture.check()
         with Context(model, ContextParams(n_ctx=256, n_threads=2, hidden_states=True)) as ctx:
-            KVSequence(ctx).feed(tokens + model.tokenize(" then"))
+            same = KVSequence(ctx)  # decoded as above: batch shapes pick llama.cpp's kernels
+            same.feed(tokens)
+            same.feed(model.tokenize(" then"))
             hidden = ctx.hidden_state()
     assert capture.last_hidden is not None  # read from the graph, without embeddings mode
     np.testing.assert_allclose(capture.last_hidden, hidden, rtol=1e-3, atol=1e-3)
@@ -67,6 +70,7 @@ def test_tap_mass_sums_to_one_per_query_head_and_global_layer(model_path):
     assert capture.last_rows is not None and capture.last_rows.shape[0] == info.n_head
 
 
+@pytest.mark.model
 def test_a_block_moved_into_the_middle_and_removed_leaves_the_sequence_as_it_was(model_path):
     """move_tail's shifts add up: park a block mid-sequence, remove it, and the next token's
     logits are those of a sequence that never had it (up to re-roping in f16)."""
@@ -92,6 +96,7 @@ def test_a_block_moved_into_the_middle_and_removed_leaves_the_sequence_as_it_was
     assert np.corrcoef(got, expected)[0, 1] > 0.999
 
 
+@pytest.mark.model
 def test_int8_consolidator_layer_reproduces_the_float_layer(model_path, tmp_path):
     from flashmem_cli.chat.memory import layer_spec
     from flashmem_cli.memory.consolidator import layer_weights, untrained_weights
@@ -123,24 +128,25 @@ def feed_turns(conversation, messages):
     return [conversation.send(text) for text in messages]
 
 
+@pytest.mark.model
 def test_a_chat_consolidates_at_the_budget_and_resumes(home, model_path, capsys):
     store = SessionStore(sessions_dir())
     with open_conversation(store, "long", memory_options()) as conversation:
         results = feed_turns(conversation, FACTS + FILLER)
         layout, seq = conversation.layout, conversation.seq
-        budget = conversation.memory.budget
-        events = [e for r in results for e in r.memory["consolidations"]]
+        budget = conversation.memory.budget_tokens
+        events = [e for r in results for e in r.memory.consolidations]
         assert events, "a 512-token context must have consolidated"
         assert layout.consolidated >= 2 and layout.dropped == 0
         assert layout.n_tokens == len(seq)
         assert seq.tokens.count(LATENT) >= 8
         assert len(conversation.memory.latent_rows) == seq.tokens.count(LATENT)
         for event in events:
-            assert event["kept"] + event["latents"] <= math.ceil(event["span_tokens"] * 0.25)
+            assert event.kept + event.latents <= math.ceil(event.span_tokens * 0.25)
         before_close = list(seq.tokens)
         mass = conversation.memory.capture.cell_mass[conversation.memory.capture.visible_cells]
         assert len(seq) <= conversation.n_ctx
-        assert all(len(r.memory["entropy"]) == r.generated_tokens for r in results)
+        assert all(len(r.memory.entropy) == r.generated_tokens for r in results)
         assert budget == int(0.85 * conversation.n_ctx)
 
     records = [json.loads(line) for line in (home / "sessions/long/transcript.jsonl").open()]
@@ -155,8 +161,8 @@ def test_a_chat_consolidates_at_the_budget_and_resumes(home, model_path, capsys)
         assert result.reply
         assert conversation.layout.n_tokens == len(conversation.seq)
         report = conversation.memory_report()
-        assert report["latent_blocks"] and report["events"]
-        assert "UNTRAINED" in report["settings"]["consolidator"]
+        assert report.latent_blocks and report.events
+        assert "UNTRAINED" in report.settings["consolidator"]
 
     from flashmem_cli.cli import print_memory
 
@@ -170,16 +176,17 @@ def is_subsequence(part, whole):
     return all(token in remaining for token in part)
 
 
+@pytest.mark.model
 def test_keep_only_keeps_the_spans_own_tokens_in_order(home, model_path, monkeypatch):
     from flashmem_cli.chat.memory import ConversationMemory
 
     checked = []
     original = ConversationMemory.consolidate
 
-    def consolidate(self, seq, start, end, reason="budget"):
+    def consolidate(self, seq, start, end, kind):
         span = list(seq.tokens[start:end])
-        event = original(self, seq, start, end, reason)
-        kept = seq.tokens[start : start + event["kept"]]
+        event = original(self, seq, start, end, kind)
+        kept = seq.tokens[start : start + event.kept]
         checked.append(len(kept) > 0 and is_subsequence(kept, span) and len(set(kept)) > 1)
         return event
 
@@ -192,15 +199,16 @@ def test_keep_only_keeps_the_spans_own_tokens_in_order(home, model_path, monkeyp
     assert checked and all(checked)
 
 
+@pytest.mark.model
 def test_in_reply_insertion_puts_latents_inside_the_reply(home, model_path):
-    memory = MemoryOptions(enabled=True, tau=0.0, inject_in_reply=True, max_consolidations=2)
+    memory = MemoryOptions(enabled=True, tau=0.0, inject_in_reply=True, max_insertions=2)
     with open_conversation(
         SessionStore(sessions_dir()), "inject", memory_options(memory=memory)
     ) as conversation:
         result = conversation.send("Tell me a story about a lighthouse.")
-        kinds = [e["kind"] for e in result.memory["consolidations"]]
+        kinds = [e.kind for e in result.memory.consolidations]
         assert kinds == ["monitor", "monitor"]
-        assert result.memory["triggers"] == [0, 16]
+        assert result.memory.triggers == [0, 16]
         assert conversation.seq.tokens.count(LATENT) == 16
         assert "\ufffd" not in result.reply and result.generated_tokens == 32
         second = conversation.send("And then?")
@@ -208,6 +216,7 @@ def test_in_reply_insertion_puts_latents_inside_the_reply(home, model_path):
         assert conversation.layout.n_tokens == len(conversation.seq)
 
 
+@pytest.mark.model
 def test_cli_json_reports_memory_and_no_memory(home, model_path):
     flags = ["--temp", "0", "-n", "8", "-c", "512", "-t", "2"]
     on = run_json("chat", "-s", "m", *flags, "-p", "Hello there")
@@ -227,16 +236,7 @@ def test_cli_rejects_bad_memory_flags(home):
     assert len(proc.stderr.strip().splitlines()) == 1
 
 
-@pytest.fixture()
-def models_home(tmp_path, monkeypatch, model_path):
-    """A models directory of its own, so calibration and weights do not touch models/."""
-    directory = tmp_path / "models"
-    directory.mkdir()
-    (directory / model_path.name).symlink_to(model_path)
-    monkeypatch.setenv("FLASHMEM_MODELS_DIR", str(directory))
-    return directory
-
-
+@pytest.mark.model
 def test_calibrate_stores_tau_beside_the_model(home, models_home, tmp_path):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(
@@ -257,6 +257,7 @@ def test_calibrate_stores_tau_beside_the_model(home, models_home, tmp_path):
     assert proc.returncode == 1 and "not UTF-8" in proc.stderr
 
 
+@pytest.mark.model
 def test_eval_recall_scores_every_policy(home, models_home, tmp_path):
     filler = " ".join(f"Paragraph {i} is about nothing in particular." for i in range(3))
     turns = [{"role": "user", "content": "My locker code is 7052 and my cat is Tamsk."}]
@@ -283,20 +284,22 @@ def test_eval_recall_scores_every_policy(home, models_home, tmp_path):
     assert os.path.exists(models_home / "gemma-3-270m-q4_k_m.consolidator.npz")
 
 
+@pytest.mark.model
 def test_a_session_made_without_memory_consolidates_once_memory_is_on(home, model_path):
     store = SessionStore(sessions_dir())
     plain = memory_options(memory=MemoryOptions(enabled=False), n_ctx=1024)
     with open_conversation(store, "late", plain) as conversation:
         feed_turns(conversation, FACTS + FILLER[:6])
         assert len(conversation.seq) > 400
-    assert not (home / "sessions/late/memory.npz").exists()
+    assert not list((home / "sessions/late").glob("memory.*.npz"))
     with open_conversation(store, "late", memory_options(n_ctx=1024)) as conversation:
-        conversation.memory.budget = 350
+        conversation.memory.budget_tokens = 350
         result = conversation.send("One more thing about owls?")
-        assert result.memory["consolidations"]
+        assert result.memory.consolidations
         assert conversation.layout.n_tokens == len(conversation.seq) <= 350 + 64
 
 
+@pytest.mark.model
 def test_a_message_longer_than_one_batch_keeps_the_hidden_state(home, model_path):
     """Prompt chunks that want no logits have no outputs: h_t comes from the last one."""
     options = memory_options(n_ctx=2048, n_predict=4)
@@ -307,6 +310,7 @@ def test_a_message_longer_than_one_batch_keeps_the_hidden_state(home, model_path
         assert conversation.memory.last_hidden.shape == (conversation.model.n_embd,)
 
 
+@pytest.mark.model
 def test_a_full_cache_is_trimmed_before_its_latents_are_written(model_path):
     from flashmem_cli.chat.memory import ConversationMemory
     from flashmem_cli.models import describe
@@ -322,8 +326,8 @@ def test_a_full_cache_is_trimmed_before_its_latents_are_written(model_path):
             seq.feed(tokens)
             memory.note_decode()
             assert seq.free == 0
-            event = memory.consolidate(seq, 4, 200)
-            assert event["latents"] == 8 and event["kept"] == 49 - 8
+            event = memory.consolidate(seq, 4, 200, "turns")
+            assert event.latents == 8 and event.kept == 49 - 8
             assert len(seq) == ctx.n_ctx - 196 + 49
             assert seq.tokens[4:12] == [LATENT] * 8
             assert seq.tokens[-56:] == tokens[-56:]
@@ -331,6 +335,7 @@ def test_a_full_cache_is_trimmed_before_its_latents_are_written(model_path):
         memory.close()
 
 
+@pytest.mark.model
 def test_untrained_weights_write_no_latents_at_the_budget_unless_asked(models_home, model_path):
     from flashmem_cli.chat.memory import latents_at_budget
     from flashmem_cli.memory.weights import ConsolidatorWeights, save_weights, weights_path
@@ -349,6 +354,7 @@ def test_untrained_weights_write_no_latents_at_the_budget_unless_asked(models_ho
     assert latents_at_budget(file, None) == 0
 
 
+@pytest.mark.model
 def test_a_message_too_big_beside_the_memory_region_pushes_memory_out(home, model_path):
     options = memory_options(memory=MemoryOptions(enabled=True, keep_ratio=0.5), n_predict=8)
     with open_conversation(SessionStore(sessions_dir()), "crowded", options) as conversation:
@@ -362,21 +368,24 @@ def test_a_message_too_big_beside_the_memory_region_pushes_memory_out(home, mode
         assert conversation.layout.n_tokens == len(conversation.seq)
 
 
+@pytest.mark.model
 def test_inject_with_no_latents_does_nothing(home, model_path):
     memory = MemoryOptions(enabled=True, tau=0.0, inject_in_reply=True, n_latents=0)
     with open_conversation(
         SessionStore(sessions_dir()), "none", memory_options(memory=memory)
     ) as conversation:
         result = conversation.send("Tell me a story.")
-        assert result.memory["triggers"] and not result.memory["consolidations"]
+        assert result.memory.triggers and not result.memory.consolidations
         assert LATENT not in conversation.seq.tokens
 
 
+@pytest.mark.model
 def test_a_damaged_memory_file_is_set_aside_not_fatal(home, model_path):
     store = SessionStore(sessions_dir())
     with open_conversation(store, "damaged", memory_options()) as conversation:
         feed_turns(conversation, FACTS)
-    (home / "sessions/damaged/memory.npz").write_bytes(b"not a zip")
+    (memory_file,) = (home / "sessions/damaged").glob("memory.*.npz")
+    memory_file.write_bytes(b"not a zip")
     with open_conversation(store, "damaged", memory_options()) as conversation:
         assert conversation.memory.capture.cell_mass.sum() == 0  # mass starts over
         assert conversation.send("And?").generated_tokens > 0
@@ -384,9 +393,10 @@ def test_a_damaged_memory_file_is_set_aside_not_fatal(home, model_path):
 
 def test_an_infinite_budget_is_a_clear_error(home):
     proc = run_cli("chat", "-s", "x", "--budget", "inf", "-p", "hi")
-    assert proc.returncode == 1 and "--budget" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.returncode == 2 and "--budget" in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.model
 def test_tau_percentile_without_a_calibration_is_a_clear_error(home, models_home):
     proc = run_cli("chat", "-s", "x", "--tau-percentile", "90", "-p", "hi")
     assert proc.returncode == 1 and "flashmem calibrate" in proc.stderr

@@ -9,8 +9,8 @@ import math
 import numpy as np
 import pytest
 
-from flashmem_cli.chat.conversation import latent_blocks
 from flashmem_cli.chat.layout import KVLayout
+from flashmem_cli.chat.reports import LatentBlock, latent_blocks
 from flashmem_cli.engine.sequence import LATENT
 from flashmem_cli.errors import FlashmemError
 from flashmem_cli.memory.calibration import Calibration, load_calibration, save_calibration
@@ -120,8 +120,5 @@ def test_layout_counts_the_memory_region_and_reads_old_records():
 
 def test_latent_blocks_are_runs_of_latent_cells():
     tokens = [2, 5, LATENT, LATENT, 9, LATENT, 3]
-    assert latent_blocks(tokens) == [
-        {"index": 0, "start": 2, "length": 2},
-        {"index": 1, "start": 5, "length": 1},
-    ]
+    assert latent_blocks(tokens) == [LatentBlock(0, 2, 2), LatentBlock(1, 5, 1)]
     assert latent_blocks([1, 2]) == []

@@ -7,7 +7,8 @@ import pytest
 
 from flashmem_cli.errors import InvalidSessionName, SessionCorrupt, SessionInUse, SessionNotFound
 from flashmem_cli.store.files import atomic_write_json
-from flashmem_cli.store.sessions import SessionStore, StoredFile, read_transcript, validate_name
+from flashmem_cli.store.meta import KVContents, ModelRef, StoredFile, read_meta
+from flashmem_cli.store.sessions import SessionStore, read_transcript, validate_name
 
 
 @pytest.mark.parametrize("name", ["work", "a.b_c-1", "x" * 64])
@@ -112,7 +113,7 @@ def test_a_damaged_meta_json_is_set_aside_and_renewed(tmp_path, meta):
     assert store.list()[0].model.startswith("(unreadable")
     with store.open("s") as session:
         assert len(session.notices) == 1 and "set it aside" in session.notices[0]
-        assert session.meta["kv"] is None
+        assert session.meta.kv is None
         assert [r["content"] for r in session.records()] == ["kept"]
     (aside,) = tmp_path.glob("s/meta.json.damaged-*")
     assert aside.read_bytes() == meta.encode("latin-1")  # nothing is lost
@@ -132,15 +133,20 @@ def write_bytes_to(data):
     return lambda path: path.write_bytes(data)
 
 
+def contents(n_tokens=1):
+    model = ModelRef("m", "/m.gguf", "f" * 16)
+    return KVContents(model, 512, n_tokens, "d" * 16, {"pinned": 1})
+
+
 def test_commit_kv_replaces_a_whole_generation_and_removes_the_old(tmp_path):
     store = SessionStore(tmp_path)
     with store.open("s") as session:
-        session.commit_kv({"n": 1}, write_bytes_to(b"one"), write_bytes_to(b"mem one"))
-        session.commit_kv({"n": 2}, write_bytes_to(b"two"), None)
-        kv = session.meta["kv"]
-    assert json.loads((tmp_path / "s" / "meta.json").read_text())["kv"] == kv
-    assert (kv["n"], kv["generation"], kv["memory"]) == (2, 2, None)
-    assert kv["state"] == {"file": "state.2.bin", "bytes": 3, "crc32": zlib.crc32(b"two")}
+        session.commit_kv(contents(1), write_bytes_to(b"one"), write_bytes_to(b"mem one"))
+        session.commit_kv(contents(2), write_bytes_to(b"two"), None)
+        kv = session.meta.kv
+    assert read_meta(tmp_path / "s").kv == kv
+    assert (kv.contents.n_tokens, kv.generation, kv.memory) == (2, 2, None)
+    assert kv.state == StoredFile("state.2.bin", 3, zlib.crc32(b"two"))
     names = sorted(p.name for p in (tmp_path / "s").iterdir())
     assert names == [".lock", "meta.json", "state.2.bin", "transcript.jsonl"]
 
@@ -149,8 +155,8 @@ def test_commit_kv_replaces_a_whole_generation_and_removes_the_old(tmp_path):
 def test_verified_refuses_a_state_file_that_differs_from_its_record(tmp_path, damage):
     store = SessionStore(tmp_path)
     with store.open("s") as session:
-        session.commit_kv({}, write_bytes_to(b"kv data " * 100), None)
-        stored = StoredFile.from_dict(session.meta["kv"]["state"])
+        session.commit_kv(contents(), write_bytes_to(b"kv data " * 100), None)
+        stored = session.meta.kv.state
         path = tmp_path / "s" / stored.name
         assert session.verified(stored) == path
         data = path.read_bytes()
@@ -170,7 +176,7 @@ def test_state_record_names_only_files_of_the_session(tmp_path):
 def test_opening_removes_temp_files_and_unreferenced_state(tmp_path):
     store = SessionStore(tmp_path)
     with store.open("s") as session:
-        session.commit_kv({}, write_bytes_to(b"kept"), None)
+        session.commit_kv(contents(), write_bytes_to(b"kept"), None)
     leftovers = [".state.3.bin.abc.tmp", "state.3.bin", "memory.3.npz", "state.bin"]
     for name in leftovers:  # what kills mid-save and format-1 sessions leave
         (tmp_path / "s" / name).write_bytes(b"x")
@@ -185,7 +191,7 @@ def test_session_files_are_private_whatever_the_umask(tmp_path):
         store = SessionStore(tmp_path / "sessions")
         with store.open("s") as session:
             session.append({"role": "user", "content": "secret"})
-            session.commit_kv({}, write_bytes_to(b"kv"), write_bytes_to(b"mem"))
+            session.commit_kv(contents(), write_bytes_to(b"kv"), write_bytes_to(b"mem"))
         store.remove("s")
     finally:
         os.umask(old)

@@ -145,8 +145,6 @@ def _simple_request(number: int, request_id: str, obj: dict[str, Any]) -> BatchR
 def _request(number: int, request_id: str, kind: str, body: dict[str, Any]) -> BatchRequest:
     if body.get("n", 1) != 1:
         raise _Invalid("invalid_request", "only n = 1 is supported")
-    if body.get("max_tokens") == 0 or body.get("max_completion_tokens") == 0:
-        raise _Invalid("invalid_request", "max_tokens must be at least 1")
     return BatchRequest(
         line=number,
         id=request_id,
@@ -154,7 +152,7 @@ def _request(number: int, request_id: str, kind: str, body: dict[str, Any]) -> B
         messages=_messages(body) if kind == "chat" else [],
         prompt=_prompt(body) if kind == "completion" else "",
         max_tokens=_first_set(
-            _number(body, "max_completion_tokens", int), _number(body, "max_tokens", int)
+            _max_tokens(body, "max_completion_tokens"), _max_tokens(body, "max_tokens")
         ),
         temperature=_number(body, "temperature", float),
         top_p=_number(body, "top_p", float),
@@ -215,6 +213,15 @@ def _number(body: dict[str, Any], key: str, kind: type) -> Any:
     if value < 0:
         raise _Invalid("invalid_request", f"{key} must not be negative")
     return kind(value)
+
+
+def _max_tokens(body: dict[str, Any], key: str) -> int | None:
+    """A positive integer, or None: the line takes -n (`-n -1` is how a run has no limit)."""
+    value = body.get(key)
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value <= 0:
+        raise _Invalid("invalid_request", f"{key} must be a positive integer, not {value}")
+    result: int | None = _number(body, key, int)
+    return result
 
 
 def _first_set(*values: Any) -> Any:

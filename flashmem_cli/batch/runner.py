@@ -21,7 +21,6 @@ from flashmem_cli.batch.results import (
     success_line,
 )
 from flashmem_cli.batch.scheduler import BatchScheduler, BatchSettings
-from flashmem_cli.chat.conversation import load_model
 from flashmem_cli.config import sessions_dir
 from flashmem_cli.errors import FlashmemError
 from flashmem_cli.store.files import try_lock
@@ -124,7 +123,7 @@ def run_requests(
     report: Callable[[BatchRequest, Completion | LineError], None],
     stats: RunStats,
 ) -> None:
-    loaded = load_model(file_model, plan.n_gpu_layers)
+    loaded = models.load_model(file_model, plan.n_gpu_layers)
     try:
         scheduler = BatchScheduler(loaded, plan.settings, SessionStore(sessions_dir()))
         try:

@@ -16,13 +16,7 @@ from dataclasses import dataclass, field
 
 from flashmem_cli.batch.requests import BatchRequest, LineError
 from flashmem_cli.batch.results import Completion
-from flashmem_cli.chat.conversation import (
-    ChatOptions,
-    Conversation,
-    LoadedModel,
-    PendingTurn,
-    chat_template_for,
-)
+from flashmem_cli.chat.conversation import ChatOptions, Conversation, PendingTurn
 from flashmem_cli.engine import prompt as rendering
 from flashmem_cli.engine.backend import BatchEntry, Context, ContextParams
 from flashmem_cli.engine.sampling import Sampler, SamplingParams
@@ -34,6 +28,7 @@ from flashmem_cli.errors import (
     SessionInUse,
     TemplateError,
 )
+from flashmem_cli.models import LoadedModel, chat_template_for
 from flashmem_cli.store.sessions import SessionStore
 
 PREFIX_SLOTS = 2
@@ -148,12 +143,10 @@ class BatchScheduler:
             request = job.request
             on_result(request, LineError(request.line, request.id, "request_failed", str(exc)))
         active.clear()
-        self.ctx.clear()
-        for slot in self.slots:
-            slot.tokens = []
-        self.prefixes = PrefixCache(list(self.prefixes.entries.values()) + self.prefixes.free)
-        for seq in self.prefixes.free:
-            seq.tokens = []
+        sequences = self.slots + list(self.prefixes.entries.values()) + self.prefixes.free
+        for seq in sequences:
+            seq.clear()
+        self.prefixes = PrefixCache(sequences[len(self.slots) :])
 
     # -- admission ------------------------------------------------------------------------------
 
@@ -354,16 +347,14 @@ class BatchScheduler:
         )
 
     def _session_result(self, job: Job) -> Completion:
-        """Bring the cache in line with the reply (feed the last token, cut after a stop
-        string), then let the conversation record and save it."""
+        """The conversation records and saves the reply: every token sampled, or those before
+        a stop string."""
         assert job.conversation is not None and job.turn is not None
-        slot, turn = job.slot, job.turn
-        if job.pending is not None and len(slot) < turn.reply_start + len(job.generated):
-            slot.feed([job.pending])
+        turn, reply = job.turn, job.generated
         if job.cut_at_stop:
-            keep = tokens_before(self.model.token_bytes, job.generated, job.text)
-            slot.drop(turn.reply_start + keep, len(slot))
-        result = job.conversation.finish_turn(turn, job.finish or "stop", job.first_token_ms or 0.0)
+            reply = reply[: tokens_before(self.model.token_bytes, job.generated, job.text)]
+        finish, ttft = job.finish or "stop", job.first_token_ms or 0.0
+        result = job.conversation.finish_turn(turn, finish, ttft, reply=reply)
         return Completion(
             text=result.reply,
             finish_reason=result.finish_reason,

@@ -64,7 +64,7 @@ def time_consolidation(model: Model, file: models.ModelFile, tokens: list[int]) 
     memory.note_decode()
     memory.consolidator  # noqa: B018 - weights load once per process, not per consolidation
     start = time.perf_counter()
-    memory.consolidate(seq, DEFAULT_SINKS, len(tokens) // 2)
+    memory.consolidate(seq, DEFAULT_SINKS, len(tokens) // 2, "turns")
     seq.feed(tokens[-1:])  # the next decode applies the K-shift
     elapsed = time.perf_counter() - start
     probe = time.perf_counter()

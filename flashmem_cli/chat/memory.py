@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from flashmem_cli.chat.events import INSERTION, MemoryEvent
 from flashmem_cli.chat.layout import tokens_digest
 from flashmem_cli.config import models_dir
 from flashmem_cli.engine.attention import AttentionCapture
@@ -61,7 +62,7 @@ class MemoryOptions:
     budget: float = DEFAULT_BUDGET  # a fraction of n_ctx when <= 1, else tokens
     tau: float | None = None  # overrides the model's calibration
     tau_percentile: float | None = None
-    max_consolidations: int = 3  # in-reply insertions per reply
+    max_insertions: int = 3  # latent insertions into one reply, at most
     inject_in_reply: bool = False  # untrained latents hurt replies (README); off until trained
 
 
@@ -126,13 +127,13 @@ class ConversationMemory:
         self.info = model.info()
         self.options = options
         self.capture = AttentionCapture(self.info.n_layer - 1, global_layers(self.info), 0)
-        self.budget = 0
+        self.budget_tokens = 0  # --budget, a fraction of n_ctx or tokens, made tokens
         self.latents_at_budget = latents_at_budget(file, options.n_latents)
         self.latents_in_reply = DEFAULT_LATENTS if options.n_latents is None else options.n_latents
         self.tau = resolve_tau(file, options)
         self.last_hidden: np.ndarray | None = None
         self.latent_rows = np.zeros((0, self.info.n_embd), dtype=np.float32)
-        self.events: list[dict[str, Any]] = []
+        self.events: list[MemoryEvent] = []
         self.reply_entropies: list[float] = []
         self.reply_triggers: list[int] = []
         self._policy: TriggerPolicy | None = None
@@ -142,7 +143,7 @@ class ConversationMemory:
     def attach(self, n_ctx: int) -> None:
         """Size the tap and the budget for the context the callback was given to."""
         self.capture.cell_mass = np.zeros(n_ctx)
-        self.budget = budget_tokens(self.options.budget, n_ctx)
+        self.budget_tokens = budget_tokens(self.options.budget, n_ctx)
 
     def close(self) -> None:
         if self._tensors is not None:
@@ -167,9 +168,7 @@ class ConversationMemory:
         self.reply_entropies = []
         self.reply_triggers = []
         self._policy = (
-            TriggerPolicy(self.tau, self.options.max_consolidations)
-            if self.tau is not None
-            else None
+            TriggerPolicy(self.tau, self.options.max_insertions) if self.tau is not None else None
         )
 
     def observe_token(self, step: int) -> bool:
@@ -186,9 +185,7 @@ class ConversationMemory:
 
     # -- consolidation ----------------------------------------------------------------------
 
-    def consolidate(
-        self, seq: KVSequence, start: int, end: int, reason: str = "budget"
-    ) -> dict[str, Any]:
+    def consolidate(self, seq: KVSequence, start: int, end: int, kind: str) -> MemoryEvent:
         """Fold positions [start, end) into memory: K latents written from the frozen cache,
         the span's most-attended positions kept, the rest removed and the gap closed."""
         began = time.perf_counter()
@@ -215,15 +212,14 @@ class ConversationMemory:
                 self._move_latents(seq, len(latents), to=start)
             else:
                 self._insert_latents(seq, latents, at=start)
-        event = {
-            "kind": reason,
-            "span": [start, end],
-            "span_tokens": end - start,
-            "kept": len(kept),
-            "latents": n_latents,
-            "after_tokens": len(seq),
-            "ms": round((time.perf_counter() - began) * 1000, 2),
-        }
+        event = MemoryEvent(
+            kind=kind,
+            latents=n_latents,
+            ms=round((time.perf_counter() - began) * 1000, 2),
+            span=(start, end),
+            kept=len(kept),
+            after_tokens=len(seq),
+        )
         self.events.append(event)
         return event
 
@@ -243,19 +239,19 @@ class ConversationMemory:
         self.latent_rows = self.latent_rows[:0]
         self.last_hidden = None
 
-    def inject(self, seq: KVSequence, step: int) -> dict[str, Any]:
+    def inject(self, seq: KVSequence, step: int) -> MemoryEvent:
         """In-reply insertion: K latents from the whole frozen cache, appended where the reply is."""
         began = time.perf_counter()
         full = self._full_cache(seq)  # after a decode: h_t is current
         latents = self._latents(seq, full, len(seq), self.latents_in_reply)
         self._insert_latents(seq, latents, at=len(seq))
-        event = {
-            "kind": "monitor",
-            "step": step,
-            "position": len(seq) - len(latents),
-            "latents": len(latents),
-            "ms": round((time.perf_counter() - began) * 1000, 2),
-        }
+        event = MemoryEvent(
+            kind=INSERTION,
+            latents=len(latents),
+            ms=round((time.perf_counter() - began) * 1000, 2),
+            step=step,
+            position=len(seq) - len(latents),
+        )
         self.events.append(event)
         return event
 
@@ -285,7 +281,7 @@ class ConversationMemory:
         return self.consolidator.latents(self.last_hidden, keys, values, end, candidates, n)
 
     def _recompute_hidden(self, seq: KVSequence) -> None:
-        """h_t for a cache restored without memory.npz: decode its last token again."""
+        """h_t for a cache restored without its memory file: decode its last token again."""
         last = seq.tokens[-1]
         if last == LATENT:
             raise EngineError("cannot recover the hidden state of a cache that ends in a latent")
@@ -319,8 +315,8 @@ class ConversationMemory:
     # -- persistence ------------------------------------------------------------------------
 
     def save(self, path: Path, seq: KVSequence) -> None:
-        """memory.npz: latents, their positions, attention mass in the order of the cells that
-        state.bin restores, and h_t (a restored cache has no last decode to read it from)."""
+        """The memory file: latents, their positions, attention mass in the order of the cells
+        the state file restores, and h_t (a restored cache has no last decode to read it from)."""
         positions = [i for i, token in enumerate(seq.tokens) if token == LATENT]
         with open(path, "wb") as f:
             np.savez(
@@ -366,7 +362,7 @@ class ConversationMemory:
     def settings(self) -> dict[str, Any]:
         o = self.options
         return {
-            "budget_tokens": self.budget,
+            "budget_tokens": self.budget_tokens,
             "keep_ratio": o.keep_ratio,
             "latents_per_consolidation": self.latents_at_budget,
             "latents_per_insertion": self.latents_in_reply,

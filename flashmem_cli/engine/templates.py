@@ -1,16 +1,19 @@
-"""Chat templates: the GGUF's own Jinja template, or a fallback chosen by architecture.
+"""Chat templates: the GGUF's own Jinja template, or a fallback chosen by architecture,
+rendered in a sandbox bounded in time and output size.
 
-A turn is fed to the model as a *delta*: the text that the whole conversation's rendering adds
-to what the KV cache already holds. That needs a template whose rendering of a conversation is
-a prefix of the rendering of any longer one; `text_after` checks this and raises otherwise.
+How a rendering becomes the tokens of a turn (its delta, its markup) is engine/prompt.py's.
 """
 
 from __future__ import annotations
 
+import threading
+import time
 from dataclasses import dataclass
 from datetime import date
+from typing import Any
 
 import jinja2
+from jinja2.compiler import CodeGenerator, Frame
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from flashmem_cli.errors import TemplateError
@@ -46,6 +49,63 @@ PLAIN_TEMPLATE = """{{ bos_token }}
 FALLBACKS = {"gemma": GEMMA_TEMPLATE, "gemma2": GEMMA_TEMPLATE, "gemma3": GEMMA_TEMPLATE}
 
 
+# Limits on one rendering: a GGUF's template is code from the model file, and a loop or a
+# recursion in it must end in an error, not a hang or a traceback.
+RENDER_SECONDS = 2.0
+MAX_RENDER_CHARS = 8 << 20  # or 4 characters per character of input, when that is more
+MAX_POWER_BITS = 1 << 20  # `a ** b` results in a template, at most
+
+
+class _Refused(Exception):
+    """A rendering stopped at one of the limits; the message completes "chat template '...' "."""
+
+
+class _CodeGenerator(CodeGenerator):
+    """Jinja's compiler, with a deadline check at the start of every scope of the compiled
+    code: each loop iteration (an empty body included), macro call and block."""
+
+    def enter_frame(self, frame: Frame) -> None:
+        super().enter_frame(frame)
+        self.writeline("environment.check_deadline()")
+
+
+class _Environment(ImmutableSandboxedEnvironment):
+    """The sandbox, with a per-thread render deadline, and `*` and `**` checked before they
+    run: one such operation in C (`'x' * 10**10`, `9 ** (9 ** 9)`) could take memory or time
+    that no check between steps can stop."""
+
+    code_generator_class = _CodeGenerator
+    intercepted_binops = frozenset(["*", "**"])
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self.deadline = threading.local()
+
+    def check_deadline(self) -> None:
+        at = getattr(self.deadline, "at", None)
+        if at is not None and time.monotonic() > at:
+            raise _Refused(f"took more than {RENDER_SECONDS:g} s to render")
+
+    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        if operator == "*":
+            for sequence, count in ((left, right), (right, left)):
+                if (
+                    isinstance(sequence, (str, bytes, list, tuple))
+                    and isinstance(count, int)
+                    and len(sequence) * count > MAX_RENDER_CHARS
+                ):
+                    raise _Refused(f"builds a sequence of more than {MAX_RENDER_CHARS} items")
+        elif (
+            operator == "**"
+            and isinstance(left, int)
+            and isinstance(right, int)
+            and abs(left) > 1
+            and right * left.bit_length() > MAX_POWER_BITS
+        ):
+            raise _Refused(f"computes a number of more than {MAX_POWER_BITS} bits")
+        return super().call_binop(context, operator, left, right)
+
+
 @dataclass
 class ChatTemplate:
     name: str
@@ -54,24 +114,53 @@ class ChatTemplate:
     eos_token: str
 
     def __post_init__(self) -> None:
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        env.globals["raise_exception"] = _raise_exception
-        env.globals["strftime_now"] = lambda fmt: date.today().strftime(fmt)
+        self._env = _Environment(trim_blocks=True, lstrip_blocks=True)
+        del self._env.globals["lipsum"]  # lipsum(10**9) loops where no deadline check runs
+        self._env.globals["raise_exception"] = _raise_exception
+        self._env.globals["strftime_now"] = lambda fmt: date.today().strftime(fmt)
         try:
-            self._template = env.from_string(self.source)
-        except jinja2.TemplateError as exc:
-            raise TemplateError(f"chat template '{self.name}' does not parse: {exc}") from exc
+            self._template = self._env.from_string(self.source)
+        except Exception as exc:  # a syntax error, or RecursionError on deep nesting
+            raise TemplateError(
+                f"chat template '{self.name}' does not parse: {_one_line(exc)}"
+            ) from exc
 
     def render(self, messages: list[Message], add_generation_prompt: bool) -> str:
+        """The template's text for `messages`; TemplateError when the template fails, runs
+        past RENDER_SECONDS or writes more than MAX_RENDER_CHARS (or 4x its input)."""
+        given = len(self.bos_token) + len(self.eos_token) + sum(len(m["content"]) for m in messages)
+        limit = max(MAX_RENDER_CHARS, 4 * given)
+        parts: list[str] = []
+        written = 0
+        deadline = self._env.deadline
+        previous = getattr(deadline, "at", None)
+        deadline.at = time.monotonic() + RENDER_SECONDS
+        chunks = self._template.generate(
+            messages=messages,
+            add_generation_prompt=add_generation_prompt,
+            bos_token=self.bos_token,
+            eos_token=self.eos_token,
+        )
         try:
-            return self._template.render(
-                messages=messages,
-                add_generation_prompt=add_generation_prompt,
-                bos_token=self.bos_token,
-                eos_token=self.eos_token,
-            )
-        except jinja2.TemplateError as exc:
-            raise TemplateError(f"chat template '{self.name}' failed: {exc}") from exc
+            for chunk in chunks:
+                written += len(chunk)
+                if written > limit:
+                    raise _Refused(f"renders more than {limit} characters")
+                parts.append(chunk)
+        except _Refused as exc:
+            raise TemplateError(f"chat template '{self.name}' {exc}") from None
+        except Exception as exc:  # the template's own code: ZeroDivisionError, RecursionError...
+            raise TemplateError(f"chat template '{self.name}' failed: {_one_line(exc)}") from exc
+        finally:
+            deadline.at = previous
+        return "".join(parts)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    if isinstance(exc, jinja2.TemplateError):
+        return text or type(exc).__name__
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def select_template(
@@ -85,41 +174,6 @@ def select_template(
             f"{architecture} (built-in)", FALLBACKS[architecture], bos_token, eos_token
         )
     return ChatTemplate("plain (built-in)", PLAIN_TEMPLATE, bos_token, eos_token)
-
-
-def text_after(
-    template: ChatTemplate, fed: list[Message], new: list[Message], add_generation_prompt: bool
-) -> str:
-    """Text to feed after `fed` (already in the KV cache) so the model has seen `fed + new`;
-    with `add_generation_prompt`, ending where the assistant's reply begins."""
-    before = template.render(fed, add_generation_prompt=False) if fed else ""
-    full = template.render(fed + new, add_generation_prompt=add_generation_prompt)
-    if not full.startswith(before):
-        raise TemplateError(
-            f"chat template '{template.name}' re-renders earlier turns, so flashmem cannot feed "
-            "only the new one"
-        )
-    return full[len(before) :]
-
-
-def reply_closing(template: ChatTemplate, messages: list[Message]) -> str:
-    """Text the template puts after the last (assistant) message's content, e.g. `<end_of_turn>\\n`."""
-    prompt = template.render(messages[:-1], add_generation_prompt=True)
-    full = template.render(messages, add_generation_prompt=False)
-    expected = prompt + messages[-1]["content"]
-    if not full.startswith(expected):
-        raise TemplateError(f"chat template '{template.name}' rewrites the assistant's reply")
-    return full[len(expected) :]
-
-
-def pinned_prefix(text: str, system: str | None, bos_token: str) -> str:
-    """The start of a conversation's first text that is never dropped from the KV cache:
-    everything up to the end of the system prompt, or the BOS marker when there is none."""
-    if system:
-        end = text.find(system)
-        if end >= 0:
-            return text[: end + len(system)]
-    return bos_token if bos_token and text.startswith(bos_token) else ""
 
 
 def _raise_exception(message: str) -> None:

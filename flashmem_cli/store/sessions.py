@@ -23,7 +23,7 @@ import time
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -33,21 +33,29 @@ from flashmem_cli.errors import InvalidSessionName, SessionCorrupt, SessionInUse
 from flashmem_cli.store.files import (
     append_jsonl,
     atomic_write_bytes,
-    atomic_write_json,
     commit_temp,
     make_private_dir,
     temp_path_beside,
     touch_private,
     try_lock,
 )
+from flashmem_cli.store.meta import (
+    KV_FILE,
+    META,
+    KVContents,
+    KVRecord,
+    SessionFromNewerVersion,
+    SessionMeta,
+    StoredFile,
+    now_iso,
+    read_meta,
+    write_meta,
+)
 
-FORMAT_VERSION = 2  # 1: one unverified state.bin, rebuilt from the transcript on first use
 NAME_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
-META = "meta.json"
 TRANSCRIPT = "transcript.jsonl"
 LOCK = ".lock"
 ROLES = ("system", "user", "assistant")
-KV_FILE = re.compile(r"(state|memory)(\.\d+)?\.(bin|npz)")
 
 
 def validate_name(name: str) -> str:
@@ -58,10 +66,6 @@ def validate_name(name: str) -> str:
     return name
 
 
-def now_iso() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
 @dataclass(frozen=True)
 class SessionSummary:
     name: str
@@ -69,26 +73,6 @@ class SessionSummary:
     updated: str
     model: str
     state_bytes: int
-
-
-@dataclass(frozen=True)
-class StoredFile:
-    """A file of the KV record, as meta.json describes it: checked before anything reads it."""
-
-    name: str
-    size: int
-    crc32: int
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"file": self.name, "bytes": self.size, "crc32": self.crc32}
-
-    @classmethod
-    def from_dict(cls, data: Any) -> StoredFile:
-        """Raises KeyError, TypeError or ValueError for a record of the wrong shape."""
-        name = str(data["file"])
-        if not KV_FILE.fullmatch(name):
-            raise ValueError(f"not a state file name: {name!r}")
-        return cls(name, int(data["bytes"]), int(data["crc32"]))
 
 
 def describe(path: Path) -> StoredFile:
@@ -121,7 +105,7 @@ class Session:
         self,
         directory: Path,
         lock: BaseFileLock,
-        meta: dict[str, Any],
+        meta: SessionMeta,
         notices: list[str] | None = None,
     ):
         self.dir = directory
@@ -141,31 +125,23 @@ class Session:
         append_jsonl(self.transcript_path, {**record, "ts": now_iso()})
         pause_for_tests(f"after-append-{record.get('role') or record.get('event')}")
 
-    def save_meta(self) -> None:
-        self.meta["updated"] = now_iso()
-        atomic_write_json(self.dir / META, self.meta)
-
     def commit_kv(
         self,
-        kv: dict[str, Any],
+        contents: KVContents,
         write_state: Callable[[Path], object],
         write_memory: Callable[[Path], object] | None,
     ) -> None:
         """Save a new KV record: its files under a new generation's names, then meta.json
         (the commit point), then the old generation's files go."""
-        generation = int((self.meta.get("kv") or {}).get("generation", 0)) + 1
+        generation = (self.meta.kv.generation if self.meta.kv else 0) + 1
         state = replace_with(self.dir / f"state.{generation}.bin", write_state)
         memory = None
         if write_memory is not None:
             memory = replace_with(self.dir / f"memory.{generation}.npz", write_memory)
-        self.meta["kv"] = {
-            **kv,
-            "generation": generation,
-            "state": state.to_dict(),
-            "memory": memory.to_dict() if memory else None,
-        }
+        meta = self.meta.with_kv(KVRecord(contents, generation, state, memory))
         pause_for_tests("before-meta")
-        self.save_meta()
+        write_meta(self.dir, meta)
+        self.meta = meta
         pause_for_tests("after-meta")
         self.remove_unreferenced()
 
@@ -179,8 +155,8 @@ class Session:
 
     def remove_unreferenced(self) -> None:
         """State files that no KV record points to, and temp files of writes a kill cut short."""
-        kv = self.meta.get("kv") or {}
-        keep = {(kv.get(key) or {}).get("file") for key in ("state", "memory")}
+        kv = self.meta.kv
+        keep = {kv.state.name, kv.memory.name if kv.memory else ""} if kv else set()
         for path in self.dir.iterdir():
             stale = KV_FILE.fullmatch(path.name) and path.name not in keep
             if stale or (path.name.startswith(".") and path.name.endswith(".tmp")):
@@ -264,53 +240,12 @@ def is_session_dir(directory: Path) -> bool:
     return (directory / META).is_file() or (directory / TRANSCRIPT).is_file()
 
 
-def new_meta(name: str) -> dict[str, Any]:
-    stamp = now_iso()
-    return {
-        "format": FORMAT_VERSION,
-        "name": name,
-        "created": stamp,
-        "updated": stamp,
-        "model": None,
-        "n_ctx": None,
-        "kv": None,
-    }
-
-
-class SessionFromNewerVersion(SessionCorrupt):
-    """meta.json of a format this flashmem does not know: left alone, never renewed."""
-
-
-def read_meta(directory: Path) -> dict[str, Any]:
-    try:
-        meta = json.loads((directory / META).read_bytes().decode("utf-8"))
-    except (OSError, ValueError) as exc:
-        raise SessionCorrupt(
-            f"session {directory.name!r} has an unreadable meta.json: {exc}"
-        ) from exc
-    if not (
-        isinstance(meta, dict)
-        and isinstance(meta.get("model") or {}, dict)
-        and isinstance(meta.get("kv") or {}, dict)
-        and isinstance(meta.get("n_ctx") or 0, int)
-        and isinstance(meta.get("format"), int)
-    ):
-        raise SessionCorrupt(f"session {directory.name!r} has a meta.json of the wrong shape")
-    if meta["format"] > FORMAT_VERSION:
-        raise SessionFromNewerVersion(
-            f"session {directory.name!r} was written by a newer flashmem (format "
-            f"{meta['format']}; this one reads up to {FORMAT_VERSION})"
-        )
-    meta["format"] = FORMAT_VERSION  # format 1's KV record has no "state": it is rebuilt
-    return meta
-
-
-def read_or_renew_meta(directory: Path) -> tuple[dict[str, Any], list[str]]:
+def read_or_renew_meta(directory: Path) -> tuple[SessionMeta, list[str]]:
     """meta.json, or a new one when it is missing or damaged (the damaged one set aside)."""
     path = directory / META
     if not path.exists():
-        meta = new_meta(directory.name)
-        atomic_write_json(path, meta)
+        meta = SessionMeta(directory.name)
+        write_meta(directory, meta)
         return meta, []
     try:
         return read_meta(directory), []
@@ -319,8 +254,8 @@ def read_or_renew_meta(directory: Path) -> tuple[dict[str, Any], list[str]]:
     except SessionCorrupt as exc:
         aside = path.with_name(f"{META}.damaged-{int(time.time())}")
         path.rename(aside)
-        meta = new_meta(directory.name)
-        atomic_write_json(path, meta)
+        meta = SessionMeta(directory.name)
+        write_meta(directory, meta)
         return meta, [f"{exc}; set it aside as {aside.name} and started a new one"]
 
 
@@ -377,13 +312,12 @@ def summarize(directory: Path) -> SessionSummary:
         records = read_transcript(directory)
     except SessionCorrupt:
         return SessionSummary(directory.name, 0, "", "(unreadable: sessions show NAME)", 0)
-    state = ((meta.get("kv") or {}).get("state") or {}).get("bytes", 0)
     return SessionSummary(
         name=directory.name,
         messages=sum(1 for r in records if "role" in r),
-        updated=meta.get("updated", ""),
-        model=(meta.get("model") or {}).get("name", "-"),
-        state_bytes=state if isinstance(state, int) else 0,
+        updated=meta.updated,
+        model=meta.model.name if meta.model else "-",
+        state_bytes=meta.kv.state.size if meta.kv else 0,
     )
 
 
