@@ -338,3 +338,18 @@ def test_resume_does_not_repeat_a_session_turn_it_already_took(home, model_path,
         if r["role"] == "user"
     ]
     assert [r["batch_id"] for r in users] == ["t0", "t1"]
+
+
+def test_a_truncated_session_state_is_rebuilt_and_the_batch_goes_on(home, model_path, tmp_path):
+    line = {"session": "t", "messages": [{"role": "user", "content": "I am Ada."}]}
+    first = write_lines(tmp_path / "one.jsonl", [{"id": "t1", **line, "max_tokens": 4}])
+    assert run_cli("run", str(first), *GREEDY).returncode == 0
+    (state,) = (home / "sessions" / "t").glob("state.*.bin")
+    state.write_bytes(state.read_bytes()[:-1])  # used to abort the whole run in GGML_ASSERT
+    again = {"id": "t2", **line, "messages": [{"role": "user", "content": "Who am I?"}]}
+    source = write_lines(tmp_path / "two.jsonl", [{**again, "max_tokens": 4}])
+    proc = run_cli("run", str(source), *GREEDY)
+    assert proc.returncode == 0, proc.stderr
+    (result,) = read_jsonl(tmp_path / "two.out.jsonl")
+    notices = result["response"]["body"]["flashmem"]["notices"]
+    assert len(notices) == 1 and "missing or damaged" in notices[0]

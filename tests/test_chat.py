@@ -271,7 +271,10 @@ def test_ctrl_c_keeps_the_partial_reply_and_the_session_goes_on(home, model_path
         time.sleep(0.05)
     time.sleep(1.5)  # well into the reply
     proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=60)
+    try:
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()  # never left running if the test fails
     assert proc.returncode == 0, err
     result = json.loads(out)
     assert result["finish_reason"] == "interrupted"
@@ -286,3 +289,26 @@ def test_a_system_prompt_too_long_for_the_context_is_refused(home, model_path):
     proc = run_cli("chat", "-s", "big", "-c", "256", "-sys", "word " * 300, "-p", "hi")
     assert_one_line_error(proc, "the system prompt is")
     assert not (home / "sessions" / "big").exists()
+
+
+@pytest.mark.model
+def test_a_save_that_fails_after_the_turn_is_a_notice_and_the_next_start_catches_up(
+    home, model_path, monkeypatch
+):
+    store = SessionStore(sessions_dir())
+    options = ChatOptions(n_ctx=512, n_predict=4, sampling=SamplingParams(temperature=0))
+    with open_conversation(store, "full", options) as conversation:
+        conversation.send("Remember the word apple.")
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    with open_conversation(store, "full", options) as conversation:
+        monkeypatch.setattr(conversation.session, "commit_kv", disk_full)
+        result = conversation.send("What word?")
+    assert len(result.notices) == 1 and "No space left on device" in result.notices[0]
+    assert transcript(home, "full")[-1]["content"] == result.reply  # the turn happened, once
+    with open_conversation(store, "full", options) as conversation:
+        caught_up = conversation.send("Thanks.")
+    assert caught_up.notices == []
+    assert caught_up.new_prompt_tokens > own_turn_tokens(model_path, "Thanks.")  # fed the lost turn

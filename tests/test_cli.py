@@ -240,3 +240,15 @@ def test_a_failing_chat_template_is_one_line(home, monkeypatch, capsys):
     assert capsys.readouterr().err == (
         "error: chat template 'gguf' failed: ZeroDivisionError: division by zero\n"
     )
+
+
+def test_show_and_export_work_with_a_damaged_meta_json(home):
+    make_session(home)
+    meta = home / "sessions" / "s" / "meta.json"
+    meta.write_text("{ not json")
+    shown = run_cli("sessions", "show", "s")
+    assert shown.returncode == 0 and "Again" in shown.stdout
+    assert "unreadable meta.json" in shown.stderr
+    exported = run_cli("sessions", "export", "s", "--format", "md")
+    assert exported.returncode == 0 and "What is *this*?" in exported.stdout
+    assert meta.read_text() == "{ not json"  # reading changes nothing

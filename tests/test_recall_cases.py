@@ -13,6 +13,7 @@ from flashmem_cli.bench.recall_cases import (
     RecallFileError,
     example_path,
     gap_recovered,
+    gap_values,
     mean_gap_recovered,
     parse_cases,
 )
@@ -166,6 +167,16 @@ def test_mean_gap_recovered_skips_unhurt_probes() -> None:
     assert mean_gap_recovered(scores, "flashmem") == pytest.approx(0.75)
 
 
+def test_gap_values_are_the_hurt_probes_own() -> None:
+    scores = [
+        {"full": 1.0, "truncate": 0.0, "flashmem": 0.25},
+        {"full": 0.9, "truncate": 0.9, "flashmem": 0.1},
+        {"full": 2.0, "truncate": 1.0, "flashmem": 0.5},
+    ]
+    assert gap_values(scores, "flashmem") == pytest.approx([0.25, -0.5])
+    assert gap_values([], "flashmem") == []
+
+
 def test_mean_gap_recovered_is_none_without_hurt_probes() -> None:
     assert mean_gap_recovered([], "flashmem") is None
     assert mean_gap_recovered([{"full": 0.3, "truncate": 0.3, "flashmem": 0.3}], "flashmem") is None
@@ -188,3 +199,32 @@ def test_probes_that_did_not_fit_somewhere_are_compared_nowhere():
     assert summary["gap_recovered"] == 0.5
     empty = summarize([case([None], [-3.0], [-2.0])], ("full", "truncate", "flashmem"))
     assert empty == {"probes": 0, "probes_skipped": 1}
+
+
+@pytest.mark.model
+def test_greedy_reply_leaves_the_cache_as_it_was(model_path, tmp_path) -> None:
+    from flashmem_cli import models
+    from flashmem_cli.bench.recall import greedy_reply
+    from flashmem_cli.chat.conversation import ChatOptions, Conversation
+    from flashmem_cli.engine.sampling import SamplingParams
+    from flashmem_cli.store.sessions import SessionStore
+
+    loaded = models.load_model(models.resolve(str(model_path)), 0)
+    session = SessionStore(tmp_path).open("case")
+    for turn in _case()["turns"]:
+        session.append(dict(turn))
+    options = ChatOptions(n_ctx=256, n_predict=1, sampling=SamplingParams(temperature=0))
+    try:
+        with Conversation(session, loaded, options) as conversation:
+            before = list(conversation.seq.tokens)
+            score = conversation.score_reply("What is my dog called?", "Brisket")
+            reply = greedy_reply(conversation, "What is my dog called?", 8)
+            assert isinstance(reply, str) and reply
+            assert conversation.seq.tokens == before
+            assert conversation.score_reply("What is my dog called?", "Brisket") == pytest.approx(
+                score, abs=1e-3
+            )
+            assert greedy_reply(conversation, "What is my dog called?", 8) == reply
+            assert greedy_reply(conversation, "What is my dog called?", 10_000) is None
+    finally:
+        loaded.model.close()

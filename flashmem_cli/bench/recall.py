@@ -6,7 +6,10 @@ asked and the reference answer scored teacher-forced (mean log-probability per t
 - truncate: at the budget the oldest turns are dropped (what other local CLIs do);
 - flashmem: at the budget the oldest turns are consolidated (default settings);
 - keep-only / latents-only: the ablations (kept positions without latents, latents alone).
-gap_recovered = (flashmem - truncate) / (full - truncate), over probes truncation hurt.
+gap_recovered = (flashmem - truncate) / (full - truncate), over probes truncation hurt, with a
+bootstrap 95% interval over those probes. Each probe is also answered greedily (ANSWER_EXTRA
+tokens more than its answer): `accuracy` is the share of replies that contain the expected answer,
+ignoring case. `compression` is the consolidated span tokens per token they left in the cache.
 """
 
 from __future__ import annotations
@@ -18,16 +21,22 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from flashmem_cli.bench.recall_cases import RecallCase, mean_gap_recovered
-from flashmem_cli.chat.conversation import ChatOptions, Conversation, LoadedModel
+from flashmem_cli.bench import stats
+from flashmem_cli.bench.recall_cases import Probe, RecallCase, gap_values
+from flashmem_cli.chat.conversation import ChatOptions, Conversation
+from flashmem_cli.chat.events import MemoryEvent
 from flashmem_cli.chat.memory import MemoryOptions
-from flashmem_cli.engine.sampling import SamplingParams
+from flashmem_cli.engine import prompt as rendering
+from flashmem_cli.engine.generate import generate
+from flashmem_cli.engine.sampling import Sampler, SamplingParams
 from flashmem_cli.errors import ContextOverflow
 from flashmem_cli.memory.consolidator import DEFAULT_LATENTS
+from flashmem_cli.models import LoadedModel
 from flashmem_cli.store.sessions import SessionStore
 
 POLICIES = ("full", "truncate", "flashmem", "keep-only", "latents-only")
 PROBE_ROOM = 64  # tokens beyond a case's turns and its longest probe that `full` leaves
+ANSWER_EXTRA = 12  # greedy tokens beyond the answer's: a base model restates the question first
 
 
 @dataclass(frozen=True)
@@ -35,6 +44,7 @@ class RecallSettings:
     n_ctx: int
     memory: MemoryOptions  # the flashmem policy's settings; the others derive from it
     policies: tuple[str, ...] = POLICIES
+    generate: bool = True  # the generation check (greedy answers); off: likelihoods only
 
 
 def policy_memory(policy: str, memory: MemoryOptions) -> MemoryOptions:
@@ -93,21 +103,44 @@ def run_policy(
             memory=policy_memory(policy, settings.memory),
         )
         with Conversation(session, loaded, options) as conversation:
-            scores = [score_probe(conversation, p.question, p.answer) for p in case.probes]
-            scored = [s for s in scores if s is not None]
-            events = conversation.memory.events if conversation.memory else []
-            layout = conversation.layout
-            return {
-                "probes": [None if s is None else round(s, 4) for s in scores],
-                "mean": round(statistics.fmean(scored), 4) if scored else None,
-                "n_ctx": conversation.n_ctx,
-                "kv_tokens": len(conversation.seq),
-                "consolidations": len(events),
-                "turns_consolidated": layout.consolidated,
-                "turns_dropped": layout.dropped,
-                "consolidation_ms": [e["ms"] for e in events],
-                "compression": compression(events),
-            }
+            asked = [ask(conversation, probe, settings.generate) for probe in case.probes]
+            return policy_record(conversation, case.probes, asked)
+
+
+def policy_record(
+    conversation: Conversation, probes: list[Probe], asked: list[tuple[float | None, str | None]]
+) -> dict[str, Any]:
+    events = conversation.memory.events if conversation.memory else []
+    scores = [score for score, _ in asked]
+    scored = [s for s in scores if s is not None]
+    replies = [reply for _, reply in asked]
+    return {
+        "probes": [None if s is None else round(s, 4) for s in scores],
+        "replies": replies,
+        "hits": [
+            None if r is None else stats.contains(r, p.answer)
+            for r, p in zip(replies, probes, strict=True)
+        ],
+        "mean": round(statistics.fmean(scored), 4) if scored else None,
+        "n_ctx": conversation.n_ctx,
+        "kv_tokens": len(conversation.seq),
+        "consolidations": len(events),
+        "turns_consolidated": conversation.layout.consolidated,
+        "turns_dropped": conversation.layout.dropped,
+        "consolidation_ms": [e.ms for e in events],
+        "span_tokens": sum(e.span_tokens for e in events),
+        "left_tokens": sum(e.kept + e.latents for e in events),
+        "compression": compression(events),
+    }
+
+
+def ask(conversation: Conversation, probe: Probe, answer: bool) -> tuple[float | None, str | None]:
+    """The probe's teacher-forced score and (with `answer`) its greedy reply."""
+    score = score_probe(conversation, probe.question, probe.answer)
+    if not answer or score is None:
+        return score, None
+    n_tokens = len(conversation.model.tokenize(probe.answer)) + ANSWER_EXTRA
+    return score, greedy_reply(conversation, probe.question, n_tokens)
 
 
 def score_probe(conversation: Conversation, question: str, answer: str) -> float | None:
@@ -118,6 +151,27 @@ def score_probe(conversation: Conversation, question: str, answer: str) -> float
         return None
 
 
+def greedy_reply(conversation: Conversation, question: str, n_tokens: int) -> str | None:
+    """Up to `n_tokens` of the greedy reply to `question`; the cache is left as it was (as
+    `Conversation.score_reply` leaves it). None when the reply does not fit beside the cache."""
+    asked = {"role": "user", "content": question}
+    text = rendering.delta(
+        conversation.template, conversation.messages(), [asked], add_generation_prompt=True
+    )
+    prompt = rendering.tokenize(conversation.model, text)
+    seq = conversation.seq
+    if len(prompt) + n_tokens > seq.free:
+        return None
+    mark = len(seq)
+    try:
+        seq.feed(prompt)
+        with Sampler(SamplingParams(temperature=0)) as sampler:
+            reply, _ = generate(seq, sampler, n_tokens)
+    finally:
+        conversation.window.remove_tail(mark)
+    return reply
+
+
 def case_tokens(loaded: LoadedModel, case: RecallCase) -> int:
     """An upper estimate of the tokens `full` needs: turns, markers, the longest probe."""
     text = "".join(turn["content"] for turn in case.turns)
@@ -125,24 +179,17 @@ def case_tokens(loaded: LoadedModel, case: RecallCase) -> int:
     return len(loaded.model.tokenize(text)) + 8 * len(case.turns) + longest
 
 
-def compression(events: list[dict[str, Any]]) -> float | None:
+def compression(events: list[MemoryEvent]) -> float | None:
     """Consolidated span tokens per token they left in the cache."""
-    spans = sum(e["span_tokens"] for e in events)
-    left = sum(e["kept"] + e["latents"] for e in events)
+    spans = sum(e.span_tokens for e in events)
+    left = sum(e.kept + e.latents for e in events)
     return round(spans / left, 2) if left else None
 
 
 def summarize(results: list[dict[str, Any]], policies: tuple[str, ...]) -> dict[str, Any]:
-    per_probe: list[dict[str, float]] = []
-    skipped = 0
-    for case in results:
-        n_probes = len(next(iter(case["policies"].values()))["probes"])
-        for i in range(n_probes):
-            probe = {p: case["policies"][p]["probes"][i] for p in policies}
-            if any(score is None for score in probe.values()):
-                skipped += 1  # did not fit under some policy: compared nowhere
-            else:
-                per_probe.append(probe)
+    """Over the probes every policy scored: mean log-prob, gap recovered with its bootstrap
+    interval, the generation check's accuracy with its interval, the compression reached."""
+    per_probe, skipped = compared_probes(results, policies)
     if not per_probe:
         return {"probes": 0, "probes_skipped": skipped}
     summary: dict[str, Any] = {
@@ -151,13 +198,71 @@ def summarize(results: list[dict[str, Any]], policies: tuple[str, ...]) -> dict[
         },
         "probes": len(per_probe),
         "probes_skipped": skipped,
+        "compression": compression_by_policy(results, policies),
     }
     if {"full", "truncate"} <= set(policies):
-        hurt = [probe for probe in per_probe if probe["full"] - probe["truncate"] >= 0.05]
-        summary["probes_hurt_by_truncation"] = len(hurt)
-        for policy in ("flashmem", "keep-only", "latents-only"):
-            if policy in policies:
-                value = mean_gap_recovered(per_probe, policy)
-                key = "gap_recovered" if policy == "flashmem" else f"gap_recovered_{policy}"
-                summary[key] = None if value is None else round(value, 3)
+        summary.update(gap_summary(per_probe, policies))
+    summary.update(accuracy_summary(results, policies))
     return summary
+
+
+def compared_probes(
+    results: list[dict[str, Any]], policies: tuple[str, ...]
+) -> tuple[list[dict[str, float]], int]:
+    """Each probe's score per policy, for the probes that fit under every policy; and how
+    many did not (compared nowhere)."""
+    per_probe: list[dict[str, float]] = []
+    skipped = 0
+    for case in results:
+        n_probes = len(next(iter(case["policies"].values()))["probes"])
+        for i in range(n_probes):
+            probe = {p: case["policies"][p]["probes"][i] for p in policies}
+            if any(score is None for score in probe.values()):
+                skipped += 1
+            else:
+                per_probe.append(probe)
+    return per_probe, skipped
+
+
+def gap_summary(per_probe: list[dict[str, float]], policies: tuple[str, ...]) -> dict[str, Any]:
+    hurt = [probe for probe in per_probe if probe["full"] - probe["truncate"] >= 0.05]
+    summary: dict[str, Any] = {"probes_hurt_by_truncation": len(hurt), "gap_recovered_ci": {}}
+    for policy in ("flashmem", "keep-only", "latents-only"):
+        if policy in policies:
+            values = gap_values(per_probe, policy)
+            value = stats.mean(values)
+            key = "gap_recovered" if policy == "flashmem" else f"gap_recovered_{policy}"
+            summary[key] = None if value is None else round(value, 3)
+            summary["gap_recovered_ci"][policy] = stats.rounded(stats.bootstrap_ci(values))
+    return summary
+
+
+def accuracy_summary(results: list[dict[str, Any]], policies: tuple[str, ...]) -> dict[str, Any]:
+    """The generation check per policy, over the probes answered under every policy."""
+    hits: dict[str, list[float]] = {p: [] for p in policies}
+    for case in results:
+        rows = zip(*(case["policies"][p].get("hits", []) for p in policies), strict=True)
+        for row in rows:
+            if all(hit is not None for hit in row):
+                for policy, hit in zip(policies, row, strict=True):
+                    hits[policy].append(float(hit))
+    if not hits[policies[0]]:
+        return {}
+    return {
+        "probes_answered": len(hits[policies[0]]),
+        "accuracy": {p: round(float(sum(h) / len(h)), 3) for p, h in hits.items()},
+        "accuracy_ci": {p: stats.rounded(stats.bootstrap_ci(h)) for p, h in hits.items()},
+    }
+
+
+def compression_by_policy(
+    results: list[dict[str, Any]], policies: tuple[str, ...]
+) -> dict[str, float | None]:
+    """Span tokens consolidated per token left in the cache, over all cases of a policy."""
+    out: dict[str, float | None] = {}
+    for policy in policies:
+        spans = sum(case["policies"][policy].get("span_tokens", 0) for case in results)
+        left = sum(case["policies"][policy].get("left_tokens", 0) for case in results)
+        value = stats.ratio(spans, left)
+        out[policy] = None if value is None else round(value, 2)
+    return out

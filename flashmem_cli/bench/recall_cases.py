@@ -145,13 +145,18 @@ def gap_recovered(
     return (policy - truncate) / gap
 
 
-def mean_gap_recovered(scores: list[dict[str, float]], policy: str) -> float | None:
-    """Mean gap recovered by `policy` over per-probe scores; None when no probe was hurt."""
-    values = [
+def gap_values(scores: list[dict[str, float]], policy: str) -> list[float]:
+    """Gap recovered by `policy` on each probe that truncation hurt."""
+    return [
         value
         for probe in scores
         if (value := gap_recovered(probe[policy], probe["truncate"], probe["full"])) is not None
     ]
+
+
+def mean_gap_recovered(scores: list[dict[str, float]], policy: str) -> float | None:
+    """Mean gap recovered by `policy` over per-probe scores; None when no probe was hurt."""
+    values = gap_values(scores, policy)
     if not values:
         return None
     return sum(values) / len(values)

@@ -1,0 +1,43 @@
+"""Statistics for the recall evaluation (pure numpy): bootstrap intervals, rates, ratios."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+RESAMPLES = 2000
+LEVEL = 0.95
+SEED = 0
+
+
+def bootstrap_ci(
+    values: Sequence[float], resamples: int = RESAMPLES, level: float = LEVEL, seed: int = SEED
+) -> tuple[float, float] | None:
+    """Percentile bootstrap interval of the mean: `values` resampled with replacement
+    `resamples` times (a fixed seed, so a result is reproducible). None without values."""
+    x = np.asarray(values, dtype=np.float64)
+    if x.size == 0:
+        return None
+    rng = np.random.default_rng(seed)
+    means = x[rng.integers(0, x.size, size=(resamples, x.size))].mean(axis=1)
+    tail = (1.0 - level) / 2.0
+    low, high = np.quantile(means, [tail, 1.0 - tail])
+    return float(low), float(high)
+
+
+def mean(values: Sequence[float]) -> float | None:
+    return float(np.mean(values)) if len(values) else None
+
+
+def ratio(numerator: float, denominator: float) -> float | None:
+    return numerator / denominator if denominator else None
+
+
+def contains(text: str, expected: str) -> bool:
+    """The generation check: `expected` occurs in `text`, ignoring case and spacing."""
+    return " ".join(expected.split()).casefold() in " ".join(text.split()).casefold()
+
+
+def rounded(pair: tuple[float, float] | None, digits: int = 3) -> list[float] | None:
+    return None if pair is None else [round(pair[0], digits), round(pair[1], digits)]
