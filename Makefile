@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 MODEL := models/gemma-3-270m-q4_k_m.gguf
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench recall clean
 
 install: $(STAMP) $(MODEL)
 
@@ -45,7 +45,14 @@ bench: install
 	$(BIN)/python -m flashmem_cli.bench.monitor
 	$(BIN)/python -m flashmem_cli.bench.consolidation
 	$(BIN)/python -m flashmem_cli.bench.insertion --tau 2.5
-	$(BIN)/flashmem eval recall flashmem_cli/bench/data/recall.jsonl -c 512
+	$(BIN)/flashmem eval recall flashmem_cli/bench/data/recall-test.jsonl -c 512 --no-answers
+
+# The README's recall tables: each keep score on dev (where the default was chosen) and on test.
+recall: install
+	for split in dev test; do for ctx in 512 1024; do \
+		$(BIN)/python -m flashmem_cli.bench.keep_search --split $$split -c $$ctx \
+			--out recall-$$split-$$ctx.json || exit 1; \
+	done; done
 
 clean:
 	rm -rf $(VENV) build *.egg-info

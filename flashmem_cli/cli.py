@@ -39,6 +39,7 @@ from flashmem_cli.config import (
 )
 from flashmem_cli.engine.sampling import RANDOM_SEED, SamplingParams
 from flashmem_cli.errors import FlashmemError, SessionCorrupt
+from flashmem_cli.memory.budget import KEEP_SCORES, POOL
 from flashmem_cli.store.meta import read_meta
 from flashmem_cli.store.sessions import (
     SessionStore,
@@ -112,6 +113,13 @@ def check_n_predict(value: int) -> int:
     return value
 
 
+def check_keep_score(value: str) -> str:
+    """The callback of every --keep-score."""
+    if value not in KEEP_SCORES:
+        raise typer.BadParameter(f"unknown keep score {value!r}: use {', '.join(KEEP_SCORES)}")
+    return value
+
+
 ThreadsOpt = Annotated[
     int | None, typer.Option("-t", "--threads", help="CPU threads.", min=1, max=MAX_THREADS)
 ]
@@ -144,11 +152,21 @@ BudgetOpt = Annotated[
         callback=finite("must be a fraction of -c (up to 1) or a number of tokens"),
     ),
 ]
+KeepScoreOpt = Annotated[
+    str,
+    typer.Option(
+        "--keep-score",
+        help="What decides a consolidation's kept positions: reconstruction (the attention they "
+        "get while the model repeats the span, KVzip's score), attention (accumulated while "
+        "read: ~50x cheaper), attention-per-query, mix.",
+        callback=check_keep_score,
+    ),
+]
 KeepRatioOpt = Annotated[
     float,
     typer.Option(
         "--keep-ratio",
-        help="Share of a consolidated span left in the cache: its most-attended positions "
+        help="Share of a consolidated span left in the cache: its best-scored positions "
         "plus the latents.",
         min=0.0,
         max=1.0,
@@ -261,6 +279,7 @@ def chat(
     ] = 3,
     budget: BudgetOpt = 0.85,
     keep_ratio: KeepRatioOpt = 0.25,
+    keep_score: KeepScoreOpt = MemoryOptions.keep_score,
     inject: Annotated[
         bool,
         typer.Option(
@@ -296,6 +315,7 @@ def chat(
             enabled=memory,
             n_latents=latents,
             keep_ratio=keep_ratio,
+            keep_score=keep_score,
             budget=budget,
             tau=tau,
             tau_percentile=tau_percentile,
@@ -847,6 +867,10 @@ def eval_recall(
     latents: LatentsOpt = 8,
     budget: BudgetOpt = 0.85,
     keep_ratio: KeepRatioOpt = 0.25,
+    keep_score: KeepScoreOpt = MemoryOptions.keep_score,
+    keep_pool: Annotated[
+        int, typer.Option("--keep-pool", help="Kept positions come in runs this wide.", min=1)
+    ] = POOL,
     policies: Annotated[
         str, typer.Option("--policies", help="Comma-separated subset of the policies.")
     ] = ",".join(POLICIES),
@@ -874,7 +898,13 @@ def eval_recall(
             f"unknown policy {unknown[0] if unknown else ''!r}: use {', '.join(POLICIES)}"
         )
     cases = parse_cases(read_text_file(file).splitlines(), str(file))[:limit]
-    memory = MemoryOptions(n_latents=latents, budget=budget, keep_ratio=keep_ratio)
+    memory = MemoryOptions(
+        n_latents=latents,
+        budget=budget,
+        keep_ratio=keep_ratio,
+        keep_score=keep_score,
+        keep_pool=keep_pool,
+    )
     settings = RecallSettings(ctx_size, memory, chosen, generate=answers)
     loaded = models.load_model(models.resolve(model), n_gpu_layers)
     try:

@@ -10,6 +10,8 @@ from flashmem_cli.memory.budget import (
     compressed_size,
     dropped_runs,
     kept_count,
+    mixed,
+    per_query,
     pooled,
     positions_to_keep,
     turns_to_consolidate,
@@ -65,6 +67,26 @@ def test_the_most_attended_positions_are_kept_with_their_neighbours():
     assert 12 in kept and all(abs(k - 12) <= 3 for k in kept)  # the peak's cluster, not 30
     assert list(pooled(np.array([0.0, 3.0, 0.0, 0.0, 0.0]), 3)) == [3.0, 3.0, 3.0, 0.0, 0.0]
     assert positions_to_keep(mass, 10, 40, 0).size == 0
+
+
+def test_the_pool_width_decides_how_many_neighbours_come_along():
+    mass = np.zeros(40)
+    mass[12], mass[30], mass[31] = 5.0, 1.0, 0.9
+    assert list(positions_to_keep(mass, 10, 40, 3, pool=1)) == [12, 30, 31]
+    assert list(positions_to_keep(mass, 10, 40, 3, pool=3)) == [11, 12, 13]
+
+
+def test_per_query_divides_by_the_tokens_that_could_see_a_position():
+    mass = np.array([8.0, 6.0, 2.0, 1.0])  # 4, 3, 2 and 1 queries saw them
+    np.testing.assert_allclose(per_query(mass), [2.0, 2.0, 1.0, 1.0])
+
+
+def test_mixed_adds_each_scores_share_of_the_span():
+    first = np.array([100.0, 2.0, 6.0, 50.0])
+    second = np.array([0.0, 3.0, 1.0, 9.0])
+    out = mixed(first, second, 1, 3)
+    np.testing.assert_allclose(out, [0.0, 0.25 + 0.75, 0.75 + 0.25, 0.0])
+    np.testing.assert_allclose(mixed(first, np.zeros(4), 1, 3)[1:3], [0.25, 0.75])
 
 
 def test_dropped_runs_cover_the_rest_last_first():

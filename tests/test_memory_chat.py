@@ -177,7 +177,8 @@ def is_subsequence(part, whole):
 
 
 @pytest.mark.model
-def test_keep_only_keeps_the_spans_own_tokens_in_order(home, model_path, monkeypatch):
+@pytest.mark.parametrize("keep_score", ["attention", "reconstruction"])
+def test_keep_only_keeps_the_spans_own_tokens_in_order(home, model_path, monkeypatch, keep_score):
     from flashmem_cli.chat.memory import ConversationMemory
 
     checked = []
@@ -191,12 +192,47 @@ def test_keep_only_keeps_the_spans_own_tokens_in_order(home, model_path, monkeyp
         return event
 
     monkeypatch.setattr(ConversationMemory, "consolidate", consolidate)
-    options = memory_options(memory=MemoryOptions(enabled=True, n_latents=0))
-    with open_conversation(SessionStore(sessions_dir()), "keep", options) as conversation:
+    memory = MemoryOptions(enabled=True, n_latents=0, keep_score=keep_score)
+    with open_conversation(
+        SessionStore(sessions_dir()), "keep", memory_options(memory=memory)
+    ) as conversation:
         feed_turns(conversation, FACTS + FILLER)
         assert conversation.layout.consolidated >= 1
+        assert conversation.layout.n_tokens == len(conversation.seq)
         assert LATENT not in conversation.seq.tokens
+        assert conversation.memory_report().settings["keep_score"] == keep_score
     assert checked and all(checked)
+
+
+@pytest.mark.model
+def test_reconstruction_scoring_reads_the_span_and_leaves_the_cache_as_it_was(home, model_path):
+    """KVzip's pass: the span fed again after a prompt, into free cells, and removed."""
+    options = memory_options(n_ctx=1024, memory=MemoryOptions(enabled=True, n_latents=0))
+    with open_conversation(SessionStore(sessions_dir()), "rebuild", options) as conversation:
+        feed_turns(conversation, FACTS + FILLER[:2])
+        memory, seq = conversation.memory, conversation.seq
+        start, end = conversation.layout.oldest_turn_span()
+        before = conversation.score_reply("Where is the boat moored?", "At berth 19.")
+        tokens, cells = list(seq.tokens), memory.capture.visible_cells.copy()
+        mass = memory.capture.cell_mass.copy()
+
+        rebuilt = memory._reconstruction_mass(seq, memory._full_cache(seq), start, end)
+
+        assert seq.tokens == tokens and len(seq) == len(tokens)
+        np.testing.assert_array_equal(memory.capture.visible_cells, cells)
+        np.testing.assert_array_equal(memory.capture.cell_mass, mass)
+        after = conversation.score_reply("Where is the boat moored?", "At berth 19.")
+        np.testing.assert_allclose(after, before, atol=1e-3)
+        assert rebuilt is not None and rebuilt.shape == (len(seq),)
+        # repeating the span, the model reads the span: more per position than what follows
+        assert rebuilt[max(start, 4) : end].mean() > 1.5 * rebuilt[end:].mean()
+
+
+def test_an_unknown_keep_score_is_a_usage_error(home):
+    for command in (["eval", "recall", "/nonexistent.jsonl", "-c", "256"], ["chat", "-p", "hi"]):
+        proc = run_cli(*command, "--keep-score", "magic")
+        assert proc.returncode == 2 and "unknown keep score 'magic'" in proc.stderr
+        assert "Traceback" not in proc.stderr
 
 
 @pytest.mark.model

@@ -12,10 +12,10 @@ from flashmem_cli.bench.recall_cases import (
     RecallCase,
     RecallFileError,
     example_path,
+    gains_and_gaps,
     gap_recovered,
-    gap_values,
-    mean_gap_recovered,
     parse_cases,
+    pooled_gap_recovered,
 )
 from flashmem_cli.errors import FlashmemError
 
@@ -158,28 +158,41 @@ def test_gap_recovered_min_gap_is_configurable() -> None:
     assert gap_recovered(0.5, 0.0, 1.0, min_gap=2.0) is None
 
 
-def test_mean_gap_recovered_skips_unhurt_probes() -> None:
+def test_pooled_gap_recovered_skips_unhurt_probes() -> None:
     scores = [
         {"full": 1.0, "truncate": 0.0, "flashmem": 0.5},
         {"full": 1.0, "truncate": 0.5, "flashmem": 1.0},
         {"full": 0.9, "truncate": 0.9, "flashmem": 0.1},
     ]
-    assert mean_gap_recovered(scores, "flashmem") == pytest.approx(0.75)
+    # gains 0.5 + 0.5 over gaps 1.0 + 0.5; the unhurt probe's -0.8 counts nowhere
+    assert pooled_gap_recovered(scores, "flashmem") == pytest.approx(1.0 / 1.5)
 
 
-def test_gap_values_are_the_hurt_probes_own() -> None:
+def test_pooled_gap_recovered_is_not_swung_by_a_barely_hurt_probe() -> None:
+    scores = [
+        {"full": 2.0, "truncate": 0.0, "flashmem": 1.0},
+        {"full": 0.06, "truncate": 0.0, "flashmem": 1.0},  # a mean of ratios: (0.5 + 16.7) / 2
+    ]
+    assert pooled_gap_recovered(scores, "flashmem") == pytest.approx(2.0 / 2.06)
+
+
+def test_gains_and_gaps_are_the_hurt_probes_own() -> None:
     scores = [
         {"full": 1.0, "truncate": 0.0, "flashmem": 0.25},
         {"full": 0.9, "truncate": 0.9, "flashmem": 0.1},
         {"full": 2.0, "truncate": 1.0, "flashmem": 0.5},
     ]
-    assert gap_values(scores, "flashmem") == pytest.approx([0.25, -0.5])
-    assert gap_values([], "flashmem") == []
+    gains, gaps = gains_and_gaps(scores, "flashmem")
+    assert gains == pytest.approx([0.25, -0.5])
+    assert gaps == pytest.approx([1.0, 1.0])
+    assert gains_and_gaps([], "flashmem") == ([], [])
 
 
-def test_mean_gap_recovered_is_none_without_hurt_probes() -> None:
-    assert mean_gap_recovered([], "flashmem") is None
-    assert mean_gap_recovered([{"full": 0.3, "truncate": 0.3, "flashmem": 0.3}], "flashmem") is None
+def test_pooled_gap_recovered_is_none_without_hurt_probes() -> None:
+    assert pooled_gap_recovered([], "flashmem") is None
+    assert (
+        pooled_gap_recovered([{"full": 0.3, "truncate": 0.3, "flashmem": 0.3}], "flashmem") is None
+    )
 
 
 def test_probes_that_did_not_fit_somewhere_are_compared_nowhere():

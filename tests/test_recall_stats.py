@@ -8,7 +8,14 @@ import numpy as np
 import pytest
 
 from flashmem_cli.bench.recall import summarize
-from flashmem_cli.bench.stats import bootstrap_ci, contains, mean, ratio, rounded
+from flashmem_cli.bench.stats import (
+    bootstrap_ci,
+    bootstrap_ratio_ci,
+    contains,
+    mean,
+    ratio,
+    rounded,
+)
 
 
 def test_bootstrap_ci_brackets_the_mean_and_is_reproducible() -> None:
@@ -50,6 +57,24 @@ def test_bootstrap_ci_coverage_is_about_the_level() -> None:
         low, high = bootstrap_ci(sample, resamples=1000, seed=trial)  # type: ignore[misc]
         covered += low <= 1.0 <= high
     assert 0.85 <= covered / 200 <= 0.99
+
+
+def test_bootstrap_ratio_ci_brackets_the_pooled_ratio() -> None:
+    rng = np.random.default_rng(4)
+    gaps = rng.uniform(0.1, 3.0, size=60)
+    gains = gaps * 0.6 + rng.normal(0, 0.3, size=60)
+    low, high = bootstrap_ratio_ci(gains, gaps)  # type: ignore[misc]
+    assert low < gains.sum() / gaps.sum() < high
+    assert high - low < 0.3
+    assert bootstrap_ratio_ci(gains, gaps) == (low, high)
+
+
+def test_bootstrap_ratio_ci_resamples_pairs_together() -> None:
+    # every pair recovers exactly 40%: any resample of whole pairs says 0.4
+    gaps = [0.2, 1.0, 3.0, 0.5]
+    low, high = bootstrap_ratio_ci([0.4 * g for g in gaps], gaps)  # type: ignore[misc]
+    assert low == pytest.approx(0.4) and high == pytest.approx(0.4)
+    assert bootstrap_ratio_ci([], []) is None
 
 
 @pytest.mark.parametrize(

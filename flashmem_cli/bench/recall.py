@@ -6,8 +6,8 @@ asked and the reference answer scored teacher-forced (mean log-probability per t
 - truncate: at the budget the oldest turns are dropped (what other local CLIs do);
 - flashmem: at the budget the oldest turns are consolidated (default settings);
 - keep-only / latents-only: the ablations (kept positions without latents, latents alone).
-gap_recovered = (flashmem - truncate) / (full - truncate), over probes truncation hurt, with a
-bootstrap 95% interval over those probes. Each probe is also answered greedily (ANSWER_EXTRA
+gap_recovered = sum(flashmem - truncate) / sum(full - truncate) over the probes truncation hurt
+(by 0.05 nats or more), with a bootstrap 95% interval over those probes. Each probe is also answered greedily (ANSWER_EXTRA
 tokens more than its answer): `accuracy` is the share of replies that contain the expected answer,
 ignoring case. `compression` is the consolidated span tokens per token they left in the cache.
 """
@@ -22,7 +22,12 @@ from pathlib import Path
 from typing import Any
 
 from flashmem_cli.bench import stats
-from flashmem_cli.bench.recall_cases import Probe, RecallCase, gap_values
+from flashmem_cli.bench.recall_cases import (
+    Probe,
+    RecallCase,
+    gains_and_gaps,
+    pooled_gap_recovered,
+)
 from flashmem_cli.chat.conversation import ChatOptions, Conversation
 from flashmem_cli.chat.events import MemoryEvent
 from flashmem_cli.chat.memory import MemoryOptions
@@ -80,6 +85,8 @@ def run_recall(
         "ctx_size": settings.n_ctx,
         "budget": settings.memory.budget,
         "keep_ratio": settings.memory.keep_ratio,
+        "keep_score": settings.memory.keep_score,
+        "keep_pool": settings.memory.keep_pool,
         "latents": policy_memory("flashmem", settings.memory).n_latents,
         "cases": results,
         "summary": summarize(results, settings.policies),
@@ -229,11 +236,11 @@ def gap_summary(per_probe: list[dict[str, float]], policies: tuple[str, ...]) ->
     summary: dict[str, Any] = {"probes_hurt_by_truncation": len(hurt), "gap_recovered_ci": {}}
     for policy in ("flashmem", "keep-only", "latents-only"):
         if policy in policies:
-            values = gap_values(per_probe, policy)
-            value = stats.mean(values)
+            value = pooled_gap_recovered(per_probe, policy)
             key = "gap_recovered" if policy == "flashmem" else f"gap_recovered_{policy}"
             summary[key] = None if value is None else round(value, 3)
-            summary["gap_recovered_ci"][policy] = stats.rounded(stats.bootstrap_ci(values))
+            ci = stats.bootstrap_ratio_ci(*gains_and_gaps(per_probe, policy))
+            summary["gap_recovered_ci"][policy] = stats.rounded(ci)
     return summary
 
 

@@ -145,21 +145,23 @@ def gap_recovered(
     return (policy - truncate) / gap
 
 
-def gap_values(scores: list[dict[str, float]], policy: str) -> list[float]:
-    """Gap recovered by `policy` on each probe that truncation hurt."""
-    return [
-        value
-        for probe in scores
-        if (value := gap_recovered(probe[policy], probe["truncate"], probe["full"])) is not None
-    ]
+def gains_and_gaps(
+    scores: list[dict[str, float]], policy: str, min_gap: float = 0.05
+) -> tuple[list[float], list[float]]:
+    """Over the probes truncation hurt (by `min_gap` or more): what `policy` won back over
+    truncation, and what truncation lost against the full context, probe by probe."""
+    hurt = [probe for probe in scores if probe["full"] - probe["truncate"] >= min_gap]
+    gains = [probe[policy] - probe["truncate"] for probe in hurt]
+    gaps = [probe["full"] - probe["truncate"] for probe in hurt]
+    return gains, gaps
 
 
-def mean_gap_recovered(scores: list[dict[str, float]], policy: str) -> float | None:
-    """Mean gap recovered by `policy` over per-probe scores; None when no probe was hurt."""
-    values = gap_values(scores, policy)
-    if not values:
-        return None
-    return sum(values) / len(values)
+def pooled_gap_recovered(scores: list[dict[str, float]], policy: str) -> float | None:
+    """The share of the whole truncation loss `policy` recovers: summed gains over summed gaps
+    of the hurt probes. Pooled rather than a mean of per-probe ratios, which a probe barely hurt
+    can swing by tens. None when no probe was hurt."""
+    gains, gaps = gains_and_gaps(scores, policy)
+    return sum(gains) / sum(gaps) if gaps else None
 
 
 def example_path() -> Path:

@@ -26,6 +26,27 @@ def bootstrap_ci(
     return float(low), float(high)
 
 
+def bootstrap_ratio_ci(
+    numerators: Sequence[float],
+    denominators: Sequence[float],
+    resamples: int = RESAMPLES,
+    level: float = LEVEL,
+    seed: int = SEED,
+) -> tuple[float, float] | None:
+    """Percentile bootstrap interval of sum(numerators) / sum(denominators), the pairs
+    resampled together. None without pairs."""
+    a = np.asarray(numerators, dtype=np.float64)
+    b = np.asarray(denominators, dtype=np.float64)
+    if a.size == 0:
+        return None
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, a.size, size=(resamples, a.size))
+    ratios = a[picks].sum(axis=1) / b[picks].sum(axis=1)
+    tail = (1.0 - level) / 2.0
+    low, high = np.quantile(ratios, [tail, 1.0 - tail])
+    return float(low), float(high)
+
+
 def mean(values: Sequence[float]) -> float | None:
     return float(np.mean(values)) if len(values) else None
 

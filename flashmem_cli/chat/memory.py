@@ -26,9 +26,12 @@ from flashmem_cli.errors import EngineError, FlashmemError
 from flashmem_cli.memory.budget import (
     DEFAULT_BUDGET,
     DEFAULT_KEEP_RATIO,
+    POOL,
     budget_tokens,
     dropped_runs,
     kept_count,
+    mixed,
+    per_query,
     positions_to_keep,
 )
 from flashmem_cli.memory.calibration import calibration_path, load_calibration
@@ -52,6 +55,9 @@ from flashmem_cli.memory.weights import (
 from flashmem_cli.models import ModelFile
 
 MEMORY_FORMAT = 1
+# KVzip's reconstruction prompt: the span is fed again after it, teacher-forced
+RECONSTRUCT_PROMPT = "\n\nRepeat the previous context exactly:\n"
+MIN_RECONSTRUCT_CHUNK = 16  # fewer free cells than this (after the prompt): attention decides
 
 
 @dataclass(frozen=True)
@@ -59,6 +65,8 @@ class MemoryOptions:
     enabled: bool = True
     n_latents: int | None = None  # None: DEFAULT_LATENTS, but none at the budget while untrained
     keep_ratio: float = DEFAULT_KEEP_RATIO
+    keep_score: str = "reconstruction"  # what decides the kept positions: budget.KEEP_SCORES
+    keep_pool: int = POOL
     budget: float = DEFAULT_BUDGET  # a fraction of n_ctx when <= 1, else tokens
     tau: float | None = None  # overrides the model's calibration
     tau_percentile: float | None = None
@@ -187,15 +195,15 @@ class ConversationMemory:
 
     def consolidate(self, seq: KVSequence, start: int, end: int, kind: str) -> MemoryEvent:
         """Fold positions [start, end) into memory: K latents written from the frozen cache,
-        the span's most-attended positions kept, the rest removed and the gap closed."""
+        the span's best-scored positions kept (--keep-score), the rest removed and the gap closed."""
         began = time.perf_counter()
         n_latents = self.latents_at_budget
         if self.last_hidden is None and n_latents:
             self._recompute_hidden(seq)
         full = self._full_cache(seq)
-        mass = self._mass_by_position(full, len(seq))
         n_keep = kept_count(end - start, self.options.keep_ratio, n_latents)
-        kept = positions_to_keep(mass, start, end, n_keep)
+        score = self._keep_score(seq, full, start, end) if n_keep else np.zeros(len(seq))
+        kept = positions_to_keep(score, start, end, n_keep, self.options.keep_pool)
         cell_of = np.empty(len(seq), dtype=np.int64)
         cell_of[full.positions] = self.capture.visible_cells
         latents = self._latents(seq, full, end, n_latents) if n_latents else None
@@ -269,6 +277,56 @@ class ConversationMemory:
         mass = np.zeros(n)
         mass[full.positions] = self.capture.cell_mass[self.capture.visible_cells]
         return mass
+
+    def _keep_score(self, seq: KVSequence, full: CacheState, start: int, end: int) -> np.ndarray:
+        """Each position's claim to stay, by `keep_score`: attention accumulated since it was
+        read (optionally per query that could see it), attention received while the span is
+        reconstructed, or both as shares."""
+        kind = self.options.keep_score
+        mass = self._mass_by_position(full, len(seq))
+        if kind == "attention":
+            return mass
+        if kind == "attention-per-query":
+            return per_query(mass)
+        rebuilt = self._reconstruction_mass(seq, full, start, end)
+        if rebuilt is None:
+            return mass
+        return rebuilt if kind == "reconstruction" else mixed(mass, rebuilt, start, end)
+
+    def _reconstruction_mass(
+        self, seq: KVSequence, full: CacheState, start: int, end: int
+    ) -> np.ndarray | None:
+        """KVzip's score (arXiv 2505.23416), pooled over heads as llama.cpp evicts whole
+        positions: the attention each position receives on the global layers while the model,
+        teacher-forced, repeats the span after RECONSTRUCT_PROMPT. Fed in chunks into the free
+        cells after the sequence and removed again; None when too few cells are free."""
+        prompt = self.model.tokenize(RECONSTRUCT_PROMPT)
+        room = seq.free - len(prompt)
+        if room < MIN_RECONSTRUCT_CHUNK:
+            return None
+        span = [token for token in seq.tokens[start:end] if token != LATENT]
+        capture, mark = self.capture, len(seq)
+        cells = capture.visible_cells.copy()
+        kept_mass, kept_hidden, kept_rows = (
+            capture.cell_mass,
+            capture.last_hidden,
+            capture.last_rows,
+        )
+        capture.cell_mass = np.zeros_like(kept_mass)
+        try:
+            for at in range(0, len(span), room):
+                seq.feed(prompt + span[at : at + room])
+                capture.check()
+                self.drop(seq, mark, len(seq))
+            rebuilt = np.zeros(len(seq))
+            rebuilt[full.positions] = capture.cell_mass[cells]
+        finally:
+            capture.cell_mass, capture.last_hidden, capture.last_rows = (
+                kept_mass,
+                kept_hidden,
+                kept_rows,
+            )
+        return rebuilt
 
     def _latents(self, seq: KVSequence, full: CacheState, end: int, n: int) -> np.ndarray:
         if self.last_hidden is None:
@@ -364,6 +422,9 @@ class ConversationMemory:
         return {
             "budget_tokens": self.budget_tokens,
             "keep_ratio": o.keep_ratio,
+            "keep_score": o.keep_score
+            if o.keep_pool == POOL
+            else f"{o.keep_score}, pool {o.keep_pool}",
             "latents_per_consolidation": self.latents_at_budget,
             "latents_per_insertion": self.latents_in_reply,
             "tau": "not calibrated (flashmem calibrate)"

@@ -3,7 +3,7 @@ turns, and the one place that decides what leaves it when it fills.
 
 Two fill policies share one interface, as mlx-lm's `KVCache` and `RotatingKVCache` do:
 `DropOldest` removes the oldest whole turns (`--no-memory`); `Consolidate` (FlashMem memory)
-first folds them into the memory region — their most-attended positions plus latents — and drops
+first folds them into the memory region — their best-scored positions plus latents — and drops
 only what folding cannot make room for. The transcript keeps everything either way.
 """
 

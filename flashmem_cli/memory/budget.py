@@ -8,7 +8,8 @@ import numpy as np
 DEFAULT_BUDGET = 0.85
 DEFAULT_KEEP_RATIO = 0.25
 PROTECTED_TURNS = 2  # the last turns are never consolidated
-POOL = 7  # positions kept in clusters: on the example recall file 7 beat 1, 3 and 11
+POOL = 3  # kept positions come in runs (SnapKV's max-pooling): chosen on the dev split
+KEEP_SCORES = ("reconstruction", "attention", "attention-per-query", "mix")
 
 
 def budget_tokens(budget: float, n_ctx: int) -> int:
@@ -53,17 +54,37 @@ def turns_to_consolidate(
     return foldable if compressed_size(span, keep_ratio, n_latents) < span else 0
 
 
-def positions_to_keep(mass: np.ndarray, start: int, end: int, n_keep: int) -> np.ndarray:
-    """The `n_keep` positions in [start, end) that received the most attention, ascending."""
+def positions_to_keep(
+    score: np.ndarray, start: int, end: int, n_keep: int, pool: int = POOL
+) -> np.ndarray:
+    """The `n_keep` positions in [start, end) with the highest pooled score, ascending."""
     if n_keep <= 0:
         return np.empty(0, dtype=np.int64)
-    raw = np.asarray(mass[start:end], dtype=np.float64)
-    best = np.lexsort((-raw, -pooled(raw, POOL)))[:n_keep]  # ties: the peak itself first
+    raw = np.asarray(score[start:end], dtype=np.float64)
+    best = np.lexsort((-raw, -pooled(raw, pool)))[:n_keep]  # ties: the peak itself first
     return np.sort(best) + start
 
 
+def per_query(mass: np.ndarray) -> np.ndarray:
+    """Accumulated attention divided by the queries that could give it: position p of n has
+    been seen by the n - p tokens from itself on (older tokens have had more chances)."""
+    seen_by = np.arange(len(mass), 0, -1, dtype=np.float64)
+    return np.asarray(mass, dtype=np.float64) / seen_by
+
+
+def mixed(first: np.ndarray, second: np.ndarray, start: int, end: int) -> np.ndarray:
+    """Two scores over [start, end), each made a share of its own total there, summed."""
+    out = np.zeros(len(first))
+    for score in (first, second):
+        span = np.asarray(score[start:end], dtype=np.float64)
+        total = span.sum()
+        if total > 0:
+            out[start:end] += span / total
+    return out
+
+
 def pooled(mass: np.ndarray, width: int) -> np.ndarray:
-    """Each position scored by the most attended position within width/2 of it, so a kept
+    """Each position scored by the best-scored position within width/2 of it, so a kept
     token keeps its neighbours (SnapKV's clustering by max-pooling the scores)."""
     if width <= 1 or len(mass) == 0:
         return mass
