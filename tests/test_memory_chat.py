@@ -18,6 +18,7 @@ from flashmem_cli.engine.attention import AttentionCapture
 from flashmem_cli.engine.backend import Context, ContextParams, Model
 from flashmem_cli.engine.sampling import SamplingParams
 from flashmem_cli.engine.sequence import LATENT, KVSequence
+from flashmem_cli.errors import EngineError
 from flashmem_cli.memory.gguf_tensors import GGUFTensors
 from flashmem_cli.store.sessions import SessionStore
 
@@ -226,6 +227,18 @@ def test_reconstruction_scoring_reads_the_span_and_leaves_the_cache_as_it_was(ho
         assert rebuilt is not None and rebuilt.shape == (len(seq),)
         # repeating the span, the model reads the span: more per position than what follows
         assert rebuilt[max(start, 4) : end].mean() > 1.5 * rebuilt[end:].mean()
+
+        def failing_check():
+            raise EngineError("the tap failed")
+
+        mass = memory.capture.cell_mass.copy()  # the probe's own reading added to it
+        memory.capture.check = failing_check  # a failure mid-pass leaves no copy behind
+        with pytest.raises(EngineError):
+            memory._reconstruction_mass(seq, memory._full_cache(seq), start, end)
+        del memory.capture.check
+        assert seq.tokens == tokens
+        np.testing.assert_array_equal(memory.capture.visible_cells, cells)
+        np.testing.assert_array_equal(memory.capture.cell_mass, mass)
 
 
 def test_an_unknown_keep_score_is_a_usage_error(home):

@@ -11,6 +11,7 @@ from flashmem_cli.bench.recall_cases import (
     Probe,
     RecallCase,
     RecallFileError,
+    case_gains_and_gaps,
     example_path,
     gains_and_gaps,
     gap_recovered,
@@ -186,6 +187,17 @@ def test_gains_and_gaps_are_the_hurt_probes_own() -> None:
     assert gains == pytest.approx([0.25, -0.5])
     assert gaps == pytest.approx([1.0, 1.0])
     assert gains_and_gaps([], "flashmem") == ([], [])
+
+
+def test_case_gains_and_gaps_sum_within_a_case_and_skip_unhurt_cases() -> None:
+    hurt = [
+        {"full": 1.0, "truncate": 0.0, "flashmem": 0.5},
+        {"full": 2.0, "truncate": 1.0, "flashmem": 1.25},
+    ]
+    unhurt = [{"full": 0.9, "truncate": 0.9, "flashmem": 0.1}]
+    gains, gaps = case_gains_and_gaps([hurt, unhurt, hurt[:1]], "flashmem")
+    assert gains == pytest.approx([0.75, 0.5])
+    assert gaps == pytest.approx([2.0, 1.0])
 
 
 def test_pooled_gap_recovered_is_none_without_hurt_probes() -> None:

@@ -6,7 +6,8 @@
 `full` and `truncate` are run once; each variant (`SCORE:POOL`, SCORE one of
 memory.budget.KEEP_SCORES) runs the keep-only policy (no latents, so that only the choice of
 positions differs). Per variant: gap recovered (pooled, with a bootstrap 95% interval), its
-difference from the first variant with a paired interval (the same probes resampled for both),
+difference from the first variant with a paired interval (the same cases resampled for both:
+a case's probes share its consolidations, so cases are the unit),
 the compression reached and the median consolidation time. Choose on dev; report test.
 """
 
@@ -22,14 +23,20 @@ import numpy as np
 
 from flashmem_cli import models
 from flashmem_cli.bench import stats
-from flashmem_cli.bench.recall import RecallSettings, compared_probes, run_policy
-from flashmem_cli.bench.recall_cases import RecallCase, gains_and_gaps, parse_cases
+from flashmem_cli.bench.recall import RecallSettings, compared_by_case, run_policy
+from flashmem_cli.bench.recall_cases import (
+    RecallCase,
+    case_gains_and_gaps,
+    gains_and_gaps,
+    parse_cases,
+)
 from flashmem_cli.chat.memory import MemoryOptions
 from flashmem_cli.memory.budget import KEEP_SCORES
 
 DATA = Path(__file__).parent / "data"
 DEFAULT_VARIANTS = (
-    "attention:7,attention-per-query:7,reconstruction:1,reconstruction:3,reconstruction:7,mix:7"
+    "attention:7,attention:1,attention:3,attention-per-query:7,"
+    "reconstruction:1,reconstruction:3,reconstruction:7,mix:3,mix:7"
 )
 
 
@@ -72,26 +79,40 @@ def as_results(cases: list[RecallCase], runs: dict[str, list[dict[str, Any]]]) -
 
 def compare(runs: dict[str, list[dict[str, Any]]], results: list[Any]) -> dict[str, Any]:
     names = tuple(runs)
-    per_probe, skipped = compared_probes(results, names)
+    by_case, skipped = compared_by_case(results, names)
+    per_probe = [probe for probes in by_case for probe in probes]
+    _, hurt = gains_and_gaps(per_probe, "truncate")
     variants = [name for name in names if name not in ("full", "truncate")]
-    first_gains, gaps = gains_and_gaps(per_probe, variants[0])
+    first_gains, gaps = case_gains_and_gaps(by_case, variants[0])
     table = {}
     for name in variants:
-        gains, _ = gains_and_gaps(per_probe, name)
+        gains, _ = case_gains_and_gaps(by_case, name)
         diff = np.asarray(gains) - np.asarray(first_gains)
-        records = runs[name]
-        spans = sum(r["span_tokens"] for r in records)
-        left = sum(r["left_tokens"] for r in records)
-        ms = [m for r in records for m in r["consolidation_ms"]]
         table[name] = {
-            "gap_recovered": round(sum(gains) / sum(gaps), 3),
+            "gap_recovered": rounded_ratio(sum(gains), sum(gaps)),
             "ci": stats.rounded(stats.bootstrap_ratio_ci(gains, gaps)),
-            "minus_first": round(float(diff.sum()) / sum(gaps), 3),
+            "minus_first": rounded_ratio(float(diff.sum()), sum(gaps)),
             "minus_first_ci": stats.rounded(stats.bootstrap_ratio_ci(diff, gaps)),
-            "compression": round(spans / left, 2) if left else None,
-            "consolidation_ms_median": round(statistics.median(ms), 1) if ms else None,
+            **costs(runs[name]),
         }
-    return {"probes": len(per_probe), "hurt": len(gaps), "skipped": skipped, "variants": table}
+    return {"probes": len(per_probe), "hurt": len(hurt), "skipped": skipped, "variants": table}
+
+
+def rounded_ratio(numerator: float, denominator: float) -> float | None:
+    value = stats.ratio(numerator, denominator)
+    return None if value is None else round(value, 3)
+
+
+def costs(records: list[dict[str, Any]]) -> dict[str, float | None]:
+    """The compression a variant reached and its median consolidation time."""
+    ms = [m for r in records for m in r["consolidation_ms"]]
+    compression = stats.ratio(
+        sum(r["span_tokens"] for r in records), sum(r["left_tokens"] for r in records)
+    )
+    return {
+        "compression": None if compression is None else round(compression, 2),
+        "consolidation_ms_median": round(statistics.median(ms), 1) if ms else None,
+    }
 
 
 def markdown(summary: dict[str, Any], split: str, n_ctx: int) -> str:
@@ -99,18 +120,24 @@ def markdown(summary: dict[str, Any], split: str, n_ctx: int) -> str:
     lines = [
         f"{split}, -c {n_ctx}: {summary['hurt']} of {summary['probes']} probes hurt by truncation",
         "",
-        "| keep score:pool | gap recovered (95% CI) | vs first (95% CI) | compression | ms |",
+        "| keep score:pool | gap recovered (95% CI) | minus the first (95% CI) | compression | ms |",
         "| --- | ---: | ---: | ---: | ---: |",
     ]
     for name, row in summary["variants"].items():
-        low, high = row["ci"]
-        d_low, d_high = row["minus_first_ci"]
         lines.append(
-            f"| {name} | {row['gap_recovered']:.2f} ({low:.2f}-{high:.2f}) "
-            f"| {row['minus_first']:+.2f} ({d_low:+.2f} to {d_high:+.2f}) "
+            f"| {name} | {shown(row['gap_recovered'])} ({interval(row['ci'])}) "
+            f"| {shown(row['minus_first'], '+.2f')} ({interval(row['minus_first_ci'], '+.2f')}) "
             f"| {row['compression']}x | {row['consolidation_ms_median']} |"
         )
     return "\n".join(lines)
+
+
+def shown(value: float | None, spec: str = ".2f") -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def interval(pair: list[float] | None, spec: str = ".2f") -> str:
+    return "n/a" if pair is None else f"{format(pair[0], spec)} to {format(pair[1], spec)}"
 
 
 def main() -> None:

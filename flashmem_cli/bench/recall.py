@@ -7,7 +7,7 @@ asked and the reference answer scored teacher-forced (mean log-probability per t
 - flashmem: at the budget the oldest turns are consolidated (default settings);
 - keep-only / latents-only: the ablations (kept positions without latents, latents alone).
 gap_recovered = sum(flashmem - truncate) / sum(full - truncate) over the probes truncation hurt
-(by 0.05 nats or more), with a bootstrap 95% interval over those probes. Each probe is also answered greedily (ANSWER_EXTRA
+(by 0.05 nats or more), with a bootstrap 95% interval over cases. Each probe is also answered greedily (ANSWER_EXTRA
 tokens more than its answer): `accuracy` is the share of replies that contain the expected answer,
 ignoring case. `compression` is the consolidated span tokens per token they left in the cache.
 """
@@ -25,6 +25,7 @@ from flashmem_cli.bench import stats
 from flashmem_cli.bench.recall_cases import (
     Probe,
     RecallCase,
+    case_gains_and_gaps,
     gains_and_gaps,
     pooled_gap_recovered,
 )
@@ -196,7 +197,8 @@ def compression(events: list[MemoryEvent]) -> float | None:
 def summarize(results: list[dict[str, Any]], policies: tuple[str, ...]) -> dict[str, Any]:
     """Over the probes every policy scored: mean log-prob, gap recovered with its bootstrap
     interval, the generation check's accuracy with its interval, the compression reached."""
-    per_probe, skipped = compared_probes(results, policies)
+    by_case, skipped = compared_by_case(results, policies)
+    per_probe = [probe for probes in by_case for probe in probes]
     if not per_probe:
         return {"probes": 0, "probes_skipped": skipped}
     summary: dict[str, Any] = {
@@ -208,38 +210,50 @@ def summarize(results: list[dict[str, Any]], policies: tuple[str, ...]) -> dict[
         "compression": compression_by_policy(results, policies),
     }
     if {"full", "truncate"} <= set(policies):
-        summary.update(gap_summary(per_probe, policies))
+        summary.update(gap_summary(by_case, policies))
     summary.update(accuracy_summary(results, policies))
     return summary
 
 
-def compared_probes(
+def compared_by_case(
     results: list[dict[str, Any]], policies: tuple[str, ...]
-) -> tuple[list[dict[str, float]], int]:
-    """Each probe's score per policy, for the probes that fit under every policy; and how
-    many did not (compared nowhere)."""
-    per_probe: list[dict[str, float]] = []
+) -> tuple[list[list[dict[str, float]]], int]:
+    """Each case's probe scores per policy, for the probes that fit under every policy; and
+    how many did not (compared nowhere)."""
+    by_case: list[list[dict[str, float]]] = []
     skipped = 0
     for case in results:
         n_probes = len(next(iter(case["policies"].values()))["probes"])
+        compared = []
         for i in range(n_probes):
             probe = {p: case["policies"][p]["probes"][i] for p in policies}
             if any(score is None for score in probe.values()):
                 skipped += 1
             else:
-                per_probe.append(probe)
-    return per_probe, skipped
+                compared.append(probe)
+        by_case.append(compared)
+    return by_case, skipped
 
 
-def gap_summary(per_probe: list[dict[str, float]], policies: tuple[str, ...]) -> dict[str, Any]:
-    hurt = [probe for probe in per_probe if probe["full"] - probe["truncate"] >= 0.05]
-    summary: dict[str, Any] = {"probes_hurt_by_truncation": len(hurt), "gap_recovered_ci": {}}
+def compared_probes(
+    results: list[dict[str, Any]], policies: tuple[str, ...]
+) -> tuple[list[dict[str, float]], int]:
+    by_case, skipped = compared_by_case(results, policies)
+    return [probe for probes in by_case for probe in probes], skipped
+
+
+def gap_summary(by_case: list[list[dict[str, float]]], policies: tuple[str, ...]) -> dict[str, Any]:
+    """Gap recovered per memory policy, pooled over the hurt probes, with a bootstrap interval
+    over cases (a case's probes share its consolidations: they are not independent)."""
+    per_probe = [probe for probes in by_case for probe in probes]
+    _, gaps = gains_and_gaps(per_probe, "truncate")
+    summary: dict[str, Any] = {"probes_hurt_by_truncation": len(gaps), "gap_recovered_ci": {}}
     for policy in ("flashmem", "keep-only", "latents-only"):
         if policy in policies:
             value = pooled_gap_recovered(per_probe, policy)
             key = "gap_recovered" if policy == "flashmem" else f"gap_recovered_{policy}"
             summary[key] = None if value is None else round(value, 3)
-            ci = stats.bootstrap_ratio_ci(*gains_and_gaps(per_probe, policy))
+            ci = stats.bootstrap_ratio_ci(*case_gains_and_gaps(by_case, policy))
             summary["gap_recovered_ci"][policy] = stats.rounded(ci)
     return summary
 

@@ -156,6 +156,16 @@ def gains_and_gaps(
     return gains, gaps
 
 
+def case_gains_and_gaps(
+    cases: list[list[dict[str, float]]], policy: str
+) -> tuple[list[float], list[float]]:
+    """`gains_and_gaps` summed within each case, for the cases with a hurt probe: the unit a
+    bootstrap resamples, since a case's probes share its consolidations."""
+    sums = [tuple(map(sum, gains_and_gaps(probes, policy))) for probes in cases]
+    hurt = [(gain, gap) for gain, gap in sums if gap > 0]
+    return [gain for gain, _ in hurt], [gap for _, gap in hurt]
+
+
 def pooled_gap_recovered(scores: list[dict[str, float]], policy: str) -> float | None:
     """The share of the whole truncation loss `policy` recovers: summed gains over summed gaps
     of the hurt probes. Pooled rather than a mean of per-probe ratios, which a probe barely hurt

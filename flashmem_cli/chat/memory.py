@@ -296,37 +296,40 @@ class ConversationMemory:
     def _reconstruction_mass(
         self, seq: KVSequence, full: CacheState, start: int, end: int
     ) -> np.ndarray | None:
-        """KVzip's score (arXiv 2505.23416), pooled over heads as llama.cpp evicts whole
-        positions: the attention each position receives on the global layers while the model,
-        teacher-forced, repeats the span after RECONSTRUCT_PROMPT. Fed in chunks into the free
-        cells after the sequence and removed again; None when too few cells are free."""
+        """A KVzip-style score (arXiv 2505.23416): the attention each position receives on the
+        global layers while the model, teacher-forced, repeats the span after
+        RECONSTRUCT_PROMPT, summed over queries and heads (llama.cpp evicts whole positions).
+        Fed in chunks into the free cells after the sequence and removed again; None when too
+        few cells are free or the span holds no tokens."""
         prompt = self.model.tokenize(RECONSTRUCT_PROMPT)
-        room = seq.free - len(prompt)
-        if room < MIN_RECONSTRUCT_CHUNK:
-            return None
+        # one decode per chunk: a second would let llama.cpp reuse the window's older cells
+        room = min(seq.free, seq.ctx.n_batch) - len(prompt)
         span = [token for token in seq.tokens[start:end] if token != LATENT]
+        if room < MIN_RECONSTRUCT_CHUNK or not span:
+            return None
         capture, mark = self.capture, len(seq)
         cells = capture.visible_cells.copy()
-        kept_mass, kept_hidden, kept_rows = (
-            capture.cell_mass,
-            capture.last_hidden,
-            capture.last_rows,
-        )
-        capture.cell_mass = np.zeros_like(kept_mass)
+        kept = capture.cell_mass, capture.last_hidden, capture.last_rows
+        capture.cell_mass = np.zeros_like(kept[0])
         try:
             for at in range(0, len(span), room):
                 seq.feed(prompt + span[at : at + room])
                 capture.check()
-                self.drop(seq, mark, len(seq))
+                self._remove_copy(seq, mark, cells)
             rebuilt = np.zeros(len(seq))
             rebuilt[full.positions] = capture.cell_mass[cells]
         finally:
-            capture.cell_mass, capture.last_hidden, capture.last_rows = (
-                kept_mass,
-                kept_hidden,
-                kept_rows,
-            )
+            capture.cell_mass, capture.last_hidden, capture.last_rows = kept
+            self._remove_copy(seq, mark, cells)
         return rebuilt
+
+    def _remove_copy(self, seq: KVSequence, mark: int, cells: np.ndarray) -> None:
+        """Remove what was fed after `mark`; the tap sees `cells` again, as before the feed."""
+        if len(seq) > mark:
+            seq.drop(mark, len(seq))
+        copied = np.setdiff1d(self.capture.visible_cells, cells)
+        self.capture.cell_mass[copied] = 0.0
+        self.capture.visible_cells = cells.copy()
 
     def _latents(self, seq: KVSequence, full: CacheState, end: int, n: int) -> np.ndarray:
         if self.last_hidden is None:
