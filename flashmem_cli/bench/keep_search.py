@@ -70,7 +70,7 @@ def run_variants(
 
 
 def as_results(cases: list[RecallCase], runs: dict[str, list[dict[str, Any]]]) -> list[Any]:
-    """The runs in `recall.compared_probes`' shape: one record per case, policies inside."""
+    """The runs in `recall.compared_by_case`' shape: one record per case, policies inside."""
     return [
         {"id": case.id, "policies": {name: records[i] for name, records in runs.items()}}
         for i, case in enumerate(cases)

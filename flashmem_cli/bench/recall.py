@@ -235,13 +235,6 @@ def compared_by_case(
     return by_case, skipped
 
 
-def compared_probes(
-    results: list[dict[str, Any]], policies: tuple[str, ...]
-) -> tuple[list[dict[str, float]], int]:
-    by_case, skipped = compared_by_case(results, policies)
-    return [probe for probes in by_case for probe in probes], skipped
-
-
 def gap_summary(by_case: list[list[dict[str, float]]], policies: tuple[str, ...]) -> dict[str, Any]:
     """Gap recovered per memory policy, pooled over the hurt probes, with a bootstrap interval
     over cases (a case's probes share its consolidations: they are not independent)."""
