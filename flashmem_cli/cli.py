@@ -864,7 +864,7 @@ def train_consolidator(
         Path | None,
         typer.Option("--data", help="Recall-case JSONL to train on (default: built-in generator)."),
     ] = None,
-    steps: Annotated[int, typer.Option("--steps", help="Optimizer steps.", min=1)] = 700,
+    steps: Annotated[int, typer.Option("--steps", help="Optimizer steps.", min=1)] = 500,
     out: Annotated[
         Path | None,
         typer.Option("--out", help="Weights file (default: models/<model>.consolidator.npz)."),

@@ -121,7 +121,8 @@ def open_consolidator(model: Model, file: ModelFile, tensors: GGUFTensors) -> Co
             )
         weights = None
     if weights is None:
-        fresh = untrained_weights(tensors, info.n_layer - 1, spec, info.n_embd, file.fingerprint)
+        layer = global_layers(info)[-1]  # its cache holds every position (kv_state keys[-1])
+        fresh = untrained_weights(tensors, layer, spec, info.n_embd, file.fingerprint)
         path.parent.mkdir(parents=True, exist_ok=True)
         save_weights(path, fresh)
         weights = load_weights(path)  # use what int8 storage gives, as every later run will

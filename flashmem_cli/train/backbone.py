@@ -273,8 +273,10 @@ def rope_neox(x: torch.Tensor, positions: torch.Tensor, base: float) -> torch.Te
     """Rotary embedding of `x` (n, heads, d) at `positions` (n,), NEOX layout: i pairs with
     i + d/2 (as memory/layer.py's numpy version)."""
     half = x.shape[-1] // 2
-    inv = base ** (-torch.arange(half, dtype=torch.float64) * 2.0 / x.shape[-1])
-    angles = (positions.to(torch.float64)[:, None] * inv[None, :]).to(x.dtype)[:, None, :]
+    # angles in float64 on the CPU (Apple's MPS has no float64), then where x is
+    inv = base ** (-torch.arange(half, dtype=torch.float64, device="cpu") * 2.0 / x.shape[-1])
+    angles = positions.to("cpu", torch.float64)[:, None] * inv[None, :]
+    angles = angles.to(x.device, x.dtype)[:, None, :]
     cos, sin = torch.cos(angles), torch.sin(angles)
     first, second = x[..., :half], x[..., half:]
     return torch.cat([first * cos - second * sin, first * sin + second * cos], dim=-1)

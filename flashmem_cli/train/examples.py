@@ -25,6 +25,7 @@ from typing import Any
 from flashmem_cli.bench.recall_cases import RecallCase, parse_cases
 from flashmem_cli.bench.recall_gen import make_split
 from flashmem_cli.chat.layout import split_turns
+from flashmem_cli.chat.memory import RECONSTRUCT_PROMPT
 from flashmem_cli.engine import prompt as rendering
 from flashmem_cli.engine.backend import Model
 from flashmem_cli.engine.templates import ChatTemplate
@@ -33,7 +34,8 @@ from flashmem_cli.memory.monitor import DEFAULT_SINKS
 Message = dict[str, str]
 MAX_CONTEXT = 400  # head + span + recent: with latents and a target, under Gemma's 512 window
 MAX_SPAN_EXCHANGES = 3
-MAX_TARGET = 48  # tokens scored per restate or continue target: the output matrix is 262k wide
+LONG_SHARE = 0.5  # examples whose span lies beyond the sliding window, as in chat at -c 4096
+MAX_TARGET = 32  # tokens scored per restate or continue target: the output matrix is 262k wide
 RESTATE_REQUESTS = (
     "Repeat what I told you earlier in this conversation, word for word.",
     "What did we say at the start? Repeat it exactly.",
@@ -55,6 +57,8 @@ class Example:
     start: int  # the span is context[start:end]
     end: int
     targets: list[Target] = field(default_factory=list)
+    gap: int = 0  # empty positions before the recent turns: a long conversation's distance
+    reconstruct_prompt: list[int] = field(default_factory=list)  # chat's keep-score prompt
 
 
 @dataclass
@@ -91,8 +95,10 @@ def build_example(
     case: RecallCase,
     rng: random.Random,
     kinds: tuple[str, ...] = KINDS,
+    window: int = 0,
 ) -> Example | None:
-    """One example from `case`, or None when no span of it holds a fact that fits."""
+    """One example from `case`, or None when no span of it holds a fact that fits. With a
+    sliding `window`, LONG_SHARE of the examples get a gap that puts the span beyond it."""
     conv = tokenize_conversation(model, template, case.turns)
     text_of = ["\n".join(m["content"] for m in g) for g in conv.groups]
     facts = [i for i, text in enumerate(text_of) if _answers_in(case, text)]
@@ -118,6 +124,9 @@ def build_example(
         return None
     start = max(len(conv.head), DEFAULT_SINKS)  # the first positions stay, as in chat
     example = Example(conv.head + span + recent, start, len(conv.head) + len(span))
+    example.reconstruct_prompt = model.tokenize(RECONSTRUCT_PROMPT)
+    if window and rng.random() < LONG_SHARE:
+        example.gap = rng.randint(window, 3 * window)
     before = [m for g in conv.groups[: last + n_recent] for m in g]
     recent_text = " ".join(text_of[last : last + n_recent])
     span_text = " ".join(text_of[first:last])
@@ -176,8 +185,9 @@ def examples(
     cases: Iterator[RecallCase],
     rng: random.Random,
     kinds: tuple[str, ...] = KINDS,
+    window: int = 0,
 ) -> Iterator[Example]:
     for case in cases:
-        example = build_example(model, template, case, rng, kinds)
+        example = build_example(model, template, case, rng, kinds, window)
         if example is not None:
             yield example

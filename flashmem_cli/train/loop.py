@@ -32,7 +32,7 @@ DEFAULT_MIX = {"answer": 1.0, "restate": 0.5, "continue": 0.25}
 
 @dataclass
 class TrainConfig:
-    steps: int = 700
+    steps: int = 500
     lr: float = 3e-4
     warmup: int = 50
     weight_decay: float = 0.0

@@ -35,6 +35,7 @@ from flashmem_cli.train.consolidator import TorchConsolidator, with_readout
 from flashmem_cli.train.examples import Example, examples, generated_cases
 from flashmem_cli.train.loop import HeldOut, StepReport, TrainConfig, TrainState, train
 from flashmem_cli.train.loop import load_checkpoint as read_checkpoint
+from flashmem_cli.train.objective import consolidator_layer
 
 DEV_FILE = Path(__file__).resolve().parent.parent / "bench" / "data" / "recall-dev.jsonl"
 HELD_OUT_EXAMPLES = 24
@@ -93,9 +94,8 @@ class TrainingRun:
         info = self.model.info()
         spec = layer_spec(info)
         with GGUFTensors(self.file.path) as tensors:
-            weights = untrained_weights(
-                tensors, info.n_layer - 1, spec, info.n_embd, self.file.fingerprint
-            )
+            layer = consolidator_layer(self.backbone)
+            weights = untrained_weights(tensors, layer, spec, info.n_embd, self.file.fingerprint)
             norm = output_norm(tensors)
         embeddings = self.backbone.w["token_embd.weight"]
         rows = embeddings[torch.arange(0, len(embeddings), 64)]
@@ -118,7 +118,8 @@ class TrainingRun:
     def held_out(self, n: int = HELD_OUT_EXAMPLES) -> HeldOut:
         cases = parse_cases(DEV_FILE.read_text().splitlines(), str(DEV_FILE))
         rng = random.Random(1234)
-        chosen = take(examples(self.model, self.template, iter(cases * 4), rng), n)
+        window = self.backbone.config.n_swa
+        chosen = take(examples(self.model, self.template, iter(cases * 4), rng, window=window), n)
         self.n_held_out = len(chosen)
         return HeldOut(self.backbone, chosen, self.config)
 
@@ -126,7 +127,8 @@ class TrainingRun:
         """Training examples; a resumed run draws new ones rather than repeat the first."""
         step = self.state.step if self.state else 0
         rng = random.Random(self.config.seed * 1_000_003 + step)
-        return examples(self.model, self.template, self.cases(step), rng)
+        window = self.backbone.config.n_swa
+        return examples(self.model, self.template, self.cases(step), rng, window=window)
 
     def cases(self, step: int) -> Iterator[RecallCase]:
         if self.data is None:
