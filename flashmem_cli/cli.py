@@ -900,6 +900,8 @@ def train_consolidator(
             f"training needs the train extra ({exc.name} is missing): make install-train, "
             "or pip install 'flashmem-cli[train]'"
         ) from None
+    if resume and out is not None and not RunPaths(out).checkpoint.is_file():
+        raise FlashmemError(f"--resume: no checkpoint at {RunPaths(out).checkpoint}")
     file = models.resolve(model)
     paths = RunPaths(out or weights_path(models_dir(), file.path.stem))
     if resume and not paths.checkpoint.is_file():

@@ -70,3 +70,14 @@ def run_json(*args: str) -> dict:
     proc = run_cli(*args, "--json")
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout)
+
+
+@pytest.fixture()
+def no_shipped_weights(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """In this process, flashmem ships nothing for any model (to test the untrained path)."""
+    from flashmem_cli.memory import shipped
+
+    empty = tmp_path / "no-shipped-data"
+    empty.mkdir()
+    monkeypatch.setattr(shipped, "SHIPPED_DIR", empty)
+    return empty

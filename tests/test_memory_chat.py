@@ -163,13 +163,14 @@ def test_a_chat_consolidates_at_the_budget_and_resumes(home, model_path, capsys)
         assert conversation.layout.n_tokens == len(conversation.seq)
         report = conversation.memory_report()
         assert report.latent_blocks and report.events
-        assert "UNTRAINED" in report.settings["consolidator"]
+        shipped = report.settings["consolidator"]  # the default model's weights ship trained
+        assert shipped.startswith("TRAINED") and "shipped with flashmem" in shipped
 
     from flashmem_cli.cli import print_memory
 
     print_memory(report)  # what /memory shows in the REPL
     shown = capsys.readouterr().out
-    assert "latent block" in shown and "consolidated" in shown and "UNTRAINED" in shown
+    assert "latent block" in shown and "consolidated" in shown and "TRAINED" in shown
 
 
 def is_subsequence(part, whole):
@@ -299,7 +300,7 @@ def test_calibrate_stores_tau_beside_the_model(home, models_home, tmp_path):
     assert np.percentile(stored["entropies"], 85) == pytest.approx(result["tau"], abs=1e-3)
     info = run_json("models", "info")
     assert info["monitor_tau"] == pytest.approx(result["tau"], abs=1e-3)
-    assert info["consolidator"].startswith("none yet")
+    assert info["consolidator"].startswith("TRAINED")  # shipped for the default model
     bad = tmp_path / "bad.txt"
     bad.write_bytes(b"\xff\xfe\x00bad")
     proc = run_cli("calibrate", "--corpus", str(bad))
@@ -330,7 +331,8 @@ def test_eval_recall_scores_every_policy(home, models_home, tmp_path):
     assert policies["full"]["mean"] > policies["truncate"]["mean"]
     summary = result["summary"]
     assert set(summary) >= {"mean_logprob", "gap_recovered", "gap_recovered_keep-only"}
-    assert os.path.exists(models_home / "gemma-3-270m-q4_k_m.consolidator.npz")
+    # the shipped trained weights were used: no untrained file was made beside the model
+    assert not os.path.exists(models_home / "gemma-3-270m-q4_k_m.consolidator.npz")
 
 
 @pytest.mark.model
@@ -385,7 +387,9 @@ def test_a_full_cache_is_trimmed_before_its_latents_are_written(model_path):
 
 
 @pytest.mark.model
-def test_untrained_weights_write_no_latents_at_the_budget_unless_asked(models_home, model_path):
+def test_untrained_weights_write_no_latents_at_the_budget_unless_asked(
+    models_home, model_path, no_shipped_weights
+):
     from flashmem_cli.chat.memory import latents_at_budget
     from flashmem_cli.memory.weights import ConsolidatorWeights, save_weights, weights_path
     from flashmem_cli.models import describe
@@ -446,7 +450,21 @@ def test_an_infinite_budget_is_a_clear_error(home):
 
 
 @pytest.mark.model
-def test_tau_percentile_without_a_calibration_is_a_clear_error(home, models_home):
-    proc = run_cli("chat", "-s", "x", "--tau-percentile", "90", "-p", "hi")
-    assert proc.returncode == 1 and "flashmem calibrate" in proc.stderr
-    assert "Traceback" not in proc.stderr
+def test_tau_percentile_without_a_calibration_is_a_clear_error(
+    home, models_home, model_path, no_shipped_weights
+):
+    from flashmem_cli.chat.memory import MemoryOptions, resolve_tau
+    from flashmem_cli.errors import FlashmemError
+    from flashmem_cli.models import describe
+
+    file = describe(model_path)
+    with pytest.raises(FlashmemError, match="--tau-percentile needs a calibration of .*calibrate"):
+        resolve_tau(file, MemoryOptions(tau_percentile=90))
+
+
+@pytest.mark.model
+def test_the_default_model_is_calibrated_out_of_the_box(home, models_home):
+    info = run_json("models", "info")
+    assert info["monitor_tau"] == pytest.approx(4.15, abs=0.01)  # the shipped calibration
+    proc = run_cli("chat", "-s", "x", "--tau-percentile", "90", "-n", "4", "-p", "hi")
+    assert proc.returncode == 0, proc.stderr

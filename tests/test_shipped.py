@@ -58,9 +58,24 @@ def test_weights_for_another_model_are_not_called_trained(models_home, package_d
     assert found is not None and not found.trained and not found.shipped
 
 
-def test_shipped_weights_of_another_fingerprint_are_not_used(models_home, package_data):
-    _weights(shipped.shipped_weights_path("other"), trained=True, fingerprint="other")
+def test_a_shipped_file_whose_weights_are_for_another_model_is_not_used(models_home, package_data):
+    _weights(shipped.shipped_weights_path("abc"), trained=True, fingerprint="other")
     assert shipped.find_weights(_file(models_home)) is None
+
+
+def test_chat_writes_latents_and_reports_trained_with_shipped_weights(models_home, package_data):
+    from flashmem_cli.chat.memory import latents_at_budget, weights_status
+
+    file = _file(models_home)
+    assert latents_at_budget(file, None) == 0 and weights_status(file).startswith("none yet")
+    _weights(weights_path(models_home, "m"), trained=False)
+    assert latents_at_budget(file, None) == 0
+    assert weights_status(file).startswith("UNTRAINED")
+    _weights(shipped.shipped_weights_path("abc"), trained=True)
+    assert latents_at_budget(file, None) == 8 and latents_at_budget(file, 2) == 2
+    assert weights_status(file).startswith("TRAINED") and "shipped with flashmem" in weights_status(
+        file
+    )
 
 
 def test_calibration_is_looked_for_in_the_users_directory_first(models_home, package_data):

@@ -47,11 +47,13 @@ from flashmem_cli.train.examples import (  # noqa: E402
 from flashmem_cli.train.loop import TrainConfig, example_loss, learning_rate  # noqa: E402
 from tests.conftest import run_cli  # noqa: E402
 
+# (prompt, the least logit correlation with llama.cpp): llama.cpp multiplies quantized weights
+# by activations quantized to 8 bits; measured 0.9988 on the code prompt, > 0.999 on the others
 PROMPTS = [
-    "The capital of France is",
-    "My name is Ada and I keep bees. What do bees make? They make",
-    "def add(a, b):\n    return",
-    "Monday, Tuesday, Wednesday,",
+    ("The capital of France is", 0.999),
+    ("My name is Ada and I keep bees. What do bees make? They make", 0.999),
+    ("def add(a, b):\n    return", 0.998),
+    ("Monday, Tuesday, Wednesday,", 0.999),
 ]
 
 # -- pure pieces ------------------------------------------------------------------------------
@@ -115,9 +117,10 @@ def test_compacted_caches_keep_head_what_stays_of_the_span_and_the_recent_turns(
 
     assert len(full) == 20
     assert ids(truncate) == [0, 1, 2, 3] + list(range(12, 20))
-    assert ids(keep)[4:8] == [5, 6, 8, 9] or {6, 9} <= set(ids(keep)[4:8])
-    assert len(keep) == 4 + 4 + 8  # half of the 8-token span stays
-    assert ids(flash)[4:6] == [-1, -1] and sorted(ids(flash)[6:8]) == [6, 9]  # latents first
+    assert len(keep) == 4 + 4 + 8  # half of the 8-token span stays, in position order
+    assert {6, 9} <= set(ids(keep)[4:8]) and ids(keep)[4:8] == sorted(ids(keep)[4:8])
+    assert ids(keep)[8:] == list(range(12, 20))
+    assert ids(flash) == [0, 1, 2, 3, -1, -1, 6, 9] + list(range(12, 20))  # latents, kept, recent
     assert ids(only) == [0, 1, 2, 3, -1, -1] + list(range(12, 20))
     for cache in (truncate, keep, flash, only):
         assert cache.positions.tolist() == list(range(len(cache)))  # the gap is closed
@@ -140,8 +143,8 @@ def llama(model_path: Path):
 
 
 @pytest.mark.model
-@pytest.mark.parametrize("text", PROMPTS)
-def test_torch_forward_matches_llama_cpp(backbone, llama, text):
+@pytest.mark.parametrize(("text", "least"), PROMPTS)
+def test_torch_forward_matches_llama_cpp(backbone, llama, text, least):
     tokens = [llama.bos] + llama.tokenize(text)
     with Context(llama, ContextParams(n_ctx=128, hidden_states=True)) as ctx:
         ctx.decode(tokens, 0, 0)
@@ -150,14 +153,14 @@ def test_torch_forward_matches_llama_cpp(backbone, llama, text):
         result = backbone.forward(backbone.embed(tokens), torch.arange(len(tokens)))
         logits = backbone.logits(result.hidden[-1:])[0].numpy()
     assert int(logits.argmax()) == int(reference.argmax())
-    assert np.corrcoef(logits, reference)[0, 1] > 0.999
+    assert np.corrcoef(logits, reference)[0, 1] > least
     assert np.corrcoef(result.hidden[-1].numpy(), hidden)[0, 1] > 0.99
 
 
 @pytest.mark.model
 def test_forward_over_a_cache_equals_one_forward(backbone, llama):
     """Splitting a text into a cached prefix and the rest changes nothing (the target path)."""
-    tokens = [llama.bos] + llama.tokenize(PROMPTS[1])
+    tokens = [llama.bos] + llama.tokenize(PROMPTS[1][0])
     with torch.no_grad():
         whole = backbone.forward(backbone.embed(tokens), torch.arange(len(tokens)))
         head = backbone.forward(backbone.embed(tokens[:7]), torch.arange(7))
@@ -165,6 +168,63 @@ def test_forward_over_a_cache_equals_one_forward(backbone, llama):
             backbone.embed(tokens[7:]), torch.arange(7, len(tokens)), past=head.cache
         )
     torch.testing.assert_close(rest.hidden, whole.hidden[7:], rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.model
+def test_the_training_cache_is_llama_cpps_after_a_consolidation(backbone, llama):
+    """The same consolidation done by llama.cpp (chat's calls: decode latents at the end, drop
+    the span's unkept runs, move the latents to the span's start) and by objective.compacted:
+    the consolidator reads the same K/V, and the next tokens get the same logits."""
+    from flashmem_cli.engine.sequence import KVSequence
+    from flashmem_cli.memory.budget import dropped_runs
+    from flashmem_cli.memory.kv_state import parse_sequence_state
+
+    text = "Ada keeps bees in Lisbon. Her brother Tomas fixes bicycles in Porto. " * 3
+    tokens = [llama.bos] + llama.tokenize(text)
+    start, end, kept = 4, 40, np.array([10, 11, 25])
+    rows = backbone.embed(llama.tokenize(" honey hive Lisbon brother")).numpy()  # 4 "latents"
+    target = llama.tokenize(" Where does Ada keep bees?")
+    with Context(llama, ContextParams(n_ctx=256)) as ctx:
+        seq = KVSequence(ctx)
+        seq.feed(tokens)
+        full = parse_sequence_state(ctx.sequence_state(0), 2)[0]
+        seq.feed_embeddings(rows)
+        for a, b in dropped_runs(start, end, kept):
+            seq.drop(a, b)
+        seq.move_tail(len(rows), start)
+        seq.feed(target)
+        reference = ctx.logits()
+
+    example = Example(context=tokens, start=start, end=end)
+    with torch.no_grad():
+        read = backbone.forward(backbone.embed(tokens), torch.arange(len(tokens)))
+        mass = np.zeros(len(tokens))
+        mass[kept] = 1.0
+        frozen = objective.Frozen(read.cache, read.hidden[-1], mass)
+        keys, values = objective.consolidator_kv(backbone, frozen, len(tokens))
+        n = len(tokens)
+        latents = backbone.forward(
+            torch.from_numpy(rows), torch.arange(n, n + len(rows)), past=read.cache
+        ).cache
+        keep_ratio = (len(kept) + len(rows) + 0.5) / (end - start)  # keeps exactly `kept`
+        cache = objective.compacted(frozen, example, "flashmem", keep_ratio, latents, pool=1)
+        assert len(cache) == len(tokens) - (end - start) + len(kept) + len(rows)
+        out = backbone.forward(
+            backbone.embed(target), torch.arange(len(cache), len(cache) + len(target)), past=cache
+        )
+        logits = backbone.logits(out.hidden[-1:])[0].numpy()
+    their_keys = full.keys[-1].astype(np.float32).reshape(len(tokens), -1)
+    their_values = full.values[-1].astype(np.float32).reshape(len(tokens), -1)
+    # llama.cpp multiplies quantized weights by activations quantized to 8 bits, and caches
+    # K/V as f16 (keys measured at 0.998 correlation here)
+    match = {
+        "keys": np.corrcoef(keys.numpy().ravel(), their_keys.ravel())[0, 1],
+        "values": np.corrcoef(values.numpy().ravel(), their_values.ravel())[0, 1],
+        "logits": np.corrcoef(logits, reference)[0, 1],
+    }
+    assert match["keys"] > 0.995 and match["values"] > 0.995, match
+    assert int(logits.argmax()) == int(reference.argmax()), match
+    assert match["logits"] > 0.999, match
 
 
 def _consolidators(tmp_path: Path, model_path: Path, llama: Model):
@@ -259,6 +319,14 @@ def test_a_few_steps_on_one_example_lower_its_loss(tmp_path, model_path, llama, 
         losses.append(float(loss))
     assert losses[-1] < losses[0] - 0.1, losses
     assert all(p.grad is not None for p in consolidator.parameters())
+
+
+def test_a_gap_puts_the_recent_turns_beyond_the_window_of_what_stays():
+    example = Example(context=list(range(20)), start=4, end=12, gap=600)
+    assert objective.context_positions(example).tolist() == list(range(12)) + list(range(612, 620))
+    frozen = objective.Frozen(_cache(20), torch.zeros(4), np.zeros(20))
+    cache = objective.compacted(frozen, example, "truncate", 0.5, None)
+    assert cache.positions.tolist() == [0, 1, 2, 3] + list(range(604, 612))
 
 
 def test_a_target_without_a_prompt_scores_all_but_its_first_token():

@@ -112,11 +112,12 @@ def open_consolidator(model: Model, file: ModelFile, tensors: GGUFTensors) -> Co
     spec = layer_spec(info)
     path = weights_path(models_dir(), file.path.stem)
     found = find_weights(file)
-    weights = load_weights(found.path) if found is not None else None
+    source = found.path if found is not None else path
+    weights = load_weights(source) if found is not None else None
     if weights is not None and weights.model_fingerprint != file.fingerprint:
         if weights.trained:
             raise FlashmemError(
-                f"{path} holds trained weights for another model (fingerprint "
+                f"{source} holds trained weights for another model (fingerprint "
                 f"{weights.model_fingerprint}); move it away to use {file.name}"
             )
         weights = None

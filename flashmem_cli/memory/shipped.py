@@ -45,8 +45,9 @@ def find_weights(file: ModelFile) -> FoundWeights | None:
     if own_meta is not None and own_fits and own_meta["trained"]:
         return FoundWeights(own, shipped=False, trained=True)
     shipped = shipped_weights_path(file.fingerprint)
-    if shipped.is_file():
-        return FoundWeights(shipped, shipped=True, trained=read_weights_meta(shipped)["trained"])
+    shipped_meta = read_weights_meta(shipped) if shipped.is_file() else None
+    if shipped_meta is not None and shipped_meta["model_fingerprint"] == file.fingerprint:
+        return FoundWeights(shipped, shipped=True, trained=shipped_meta["trained"])
     if own_meta is not None:
         return FoundWeights(own, shipped=False, trained=own_fits and own_meta["trained"])
     return None

@@ -11,7 +11,6 @@ policies (full, truncate, keep-only) beside it, and the pooled gap recovered.
 from __future__ import annotations
 
 import math
-import random
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -192,7 +191,6 @@ def save_checkpoint(
                 "optimizer": optimizer.state_dict(),
                 "state": asdict(state),
                 "config": asdict(config),
-                "python_random": random.getstate(),
             },
             tmp,
         )
@@ -203,4 +201,5 @@ def save_checkpoint(
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    return torch.load(path, weights_only=False)
+    """A checkpoint, on the CPU whatever device wrote it (the run moves it where it trains)."""
+    return torch.load(path, map_location="cpu", weights_only=False)

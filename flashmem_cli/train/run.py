@@ -25,6 +25,7 @@ import torch
 from flashmem_cli.bench.recall_cases import RecallCase, parse_cases
 from flashmem_cli.chat.memory import layer_spec
 from flashmem_cli.engine.backend import Model
+from flashmem_cli.errors import FlashmemError
 from flashmem_cli.memory.consolidator import output_norm, untrained_weights
 from flashmem_cli.memory.gguf_tensors import GGUFTensors
 from flashmem_cli.memory.weights import save_weights
@@ -110,7 +111,18 @@ class TrainingRun:
         )
 
     def resume(self) -> None:
+        """Go on from the checkpoint, refusing settings other than those it was trained with
+        (but for --steps: a run may be made longer)."""
         saved = read_checkpoint(self.paths.checkpoint)
+        ours = {k: v for k, v in asdict(self.config).items() if k != "steps"}
+        theirs = {k: v for k, v in saved["config"].items() if k != "steps"}
+        changed = sorted(k for k in ours if ours[k] != theirs.get(k))
+        if changed:
+            raise FlashmemError(
+                f"--resume: {self.paths.checkpoint} was trained with other settings "
+                f"({', '.join(f'{k} {theirs.get(k)!r}' for k in changed)}); give the same "
+                "ones, or start again without --resume"
+            )
         self.consolidator.load_state_dict(saved["consolidator"])
         self.optimizer_state = saved["optimizer"]
         self.state = TrainState(**saved["state"])
