@@ -15,11 +15,9 @@ from flashmem_cli.models import ModelFile
 
 
 @pytest.fixture()
-def package_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    directory = tmp_path / "package-data"
-    directory.mkdir()
-    monkeypatch.setattr(shipped, "SHIPPED_DIR", directory)
-    return directory
+def package_data(no_shipped_weights: Path) -> Path:
+    """An empty stand-in for the package's data directory (conftest's no_shipped_weights)."""
+    return no_shipped_weights
 
 
 def _file(models_home: Path, fingerprint: str = "abc") -> ModelFile:

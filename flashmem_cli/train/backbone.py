@@ -24,23 +24,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from flashmem_cli.memory.layer import WEIGHTS
+
 ROPE_BASE_SWA = 10_000.0  # llama.cpp's rope_freq_base_train_swa for Gemma 3
 SWA_PATTERN = 6  # every 6th layer attends globally; the others use the sliding window
-LAYER_TENSORS = (
-    "attn_norm",
-    "attn_q",
-    "attn_k",
-    "attn_v",
-    "attn_q_norm",
-    "attn_k_norm",
-    "attn_output",
-    "post_attention_norm",
-    "ffn_norm",
-    "ffn_gate",
-    "ffn_up",
-    "ffn_down",
-    "post_ffw_norm",
-)
+# the consolidator's layer tensors (memory/layer.py) plus the K/V projections it does without
+LAYER_TENSORS = (*WEIGHTS, "attn_k", "attn_v", "attn_k_norm")
 
 
 class UnsupportedModel(ValueError):
