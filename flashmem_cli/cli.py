@@ -343,9 +343,14 @@ def one_shot(conversation: Conversation, prompt: str, as_json: bool) -> None:
     result = conversation.send(prompt, on_text=lambda text: print(text, end="", flush=True))
     print()
     report_turn(result)
+    rewritten = (
+        f"{result.reprocessed_tokens} re-processed (the template rewrote them), "
+        if result.reprocessed_tokens
+        else ""
+    )
     err_console.print(
         f"[dim]{result.new_prompt_tokens} new prompt tokens, {result.cached_tokens} cached, "
-        f"{result.generated_tokens} generated · first token after "
+        f"{rewritten}{result.generated_tokens} generated · first token after "
         f"{result.timings_ms['ttft']:.0f} ms[/]"
     )
 
@@ -360,6 +365,7 @@ def turn_json(conversation: Conversation, result: TurnResult) -> dict[str, Any]:
             "new_prompt": result.new_prompt_tokens,
             "cached": result.cached_tokens,
             "generated": result.generated_tokens,
+            "reprocessed": result.reprocessed_tokens,
         },
         "dropped_turns": result.dropped_turns,
         "notices": result.notices,

@@ -43,7 +43,8 @@ def test_resumed_in_new_processes_equals_one_process(home, model_path):
 def test_json_output_has_the_documented_fields(home, model_path):
     result = run_json("chat", "-s", "j", *FLAGS, "-p", "Hi")
     assert set(result) >= {"session", "reply", "prompt_text", "tokens", "timings_ms"}
-    assert set(result["tokens"]) == {"new_prompt", "cached", "generated"}
+    assert set(result["tokens"]) == {"new_prompt", "cached", "generated", "reprocessed"}
+    assert result["tokens"]["reprocessed"] == 0  # Gemma's turn markers never rewrite
     assert set(result["timings_ms"]) >= {"load_model", "restore", "prefill", "ttft", "total"}
     assert result["prompt_text"].startswith("<bos><start_of_turn>user\nHi")
 

@@ -12,13 +12,14 @@ import pytest
 from conftest import run_cli, run_json
 
 from flashmem_cli.chat.conversation import ChatOptions, open_conversation
-from flashmem_cli.chat.memory import MemoryOptions, global_layers
+from flashmem_cli.chat.memory import MemoryOptions
 from flashmem_cli.config import sessions_dir
 from flashmem_cli.engine.attention import AttentionCapture
 from flashmem_cli.engine.backend import Context, ContextParams, Model
 from flashmem_cli.engine.sampling import SamplingParams
 from flashmem_cli.engine.sequence import LATENT, KVSequence
 from flashmem_cli.errors import EngineError
+from flashmem_cli.memory.architecture import describe
 from flashmem_cli.memory.gguf_tensors import GGUFTensors
 from flashmem_cli.store.sessions import SessionStore
 
@@ -48,8 +49,8 @@ def memory_options(**overrides):
 def test_tap_mass_sums_to_one_per_query_head_and_global_layer(model_path):
     with Model(model_path, n_gpu_layers=0) as model:
         info = model.info()
-        layers = global_layers(info)
-        assert layers == [5, 11, 17]
+        layers = list(describe(info).global_layers)
+        assert layers == [5, 11, 17] and describe(info).mass_layers == (5, 11, 17)
         capture = AttentionCapture(info.n_layer - 1, layers, 256)
         params = ContextParams(n_ctx=256, n_threads=2, tap=capture.tap)
         with Context(model, params) as ctx:

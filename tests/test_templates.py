@@ -34,6 +34,20 @@ def test_select_prefers_the_gguf_template_then_architecture_then_plain():
     assert plain.render([U1], add_generation_prompt=True) == "<s>User: Hi\nAssistant:"
 
 
+@pytest.mark.parametrize("reply", [" Bees make honey.", "Bees.", "  two spaces", "\nA new line"])
+def test_plain_template_renders_a_reply_exactly_as_generated(reply):
+    """The cache holds the generation prompt, then the reply's tokens as generated: rendering
+    the reply must extend that text whatever the reply starts with (issue 12)."""
+    from flashmem_cli.engine.prompt import reply_closing
+
+    plain = select_template(None, "llama", "<s>", "</s>")
+    asked = [SYS, U1]
+    answered = [*asked, {"role": "assistant", "content": reply}]
+    prompt = plain.render(asked, add_generation_prompt=True)
+    assert plain.render(answered, add_generation_prompt=False).startswith(prompt + reply)
+    assert reply_closing(plain, answered).text == "\n"
+
+
 def test_template_errors_become_template_error():
     raising = ChatTemplate("r", "{{ raise_exception('roles must alternate') }}", "", "")
     with pytest.raises(TemplateError, match="roles must alternate"):

@@ -28,6 +28,7 @@ from flashmem_cli.errors import (
     SessionInUse,
     TemplateError,
 )
+from flashmem_cli.memory.architecture import describe
 from flashmem_cli.models import LoadedModel, chat_template_for
 from flashmem_cli.store.sessions import SessionStore
 
@@ -109,10 +110,13 @@ class BatchScheduler:
             n_seq_max=n_seq,
         )
         self.ctx = Context(self.model, params)
-        self.slots = [KVSequence(self.ctx, i, settings.n_ctx) for i in range(settings.parallel)]
-        self.prefixes = PrefixCache(
-            [KVSequence(self.ctx, i, settings.n_ctx) for i in range(settings.parallel, n_seq)]
-        )
+        shifts = describe(self.model.info()).shifts  # a Gemma 3 with no global layer cannot
+
+        def sequence(i: int) -> KVSequence:
+            return KVSequence(self.ctx, i, settings.n_ctx, shifts=shifts)
+
+        self.slots = [sequence(i) for i in range(settings.parallel)]
+        self.prefixes = PrefixCache([sequence(i) for i in range(settings.parallel, n_seq)])
         self.template = chat_template_for(self.model)
         self.decode_s = 0.0
 

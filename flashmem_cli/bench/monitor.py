@@ -15,12 +15,12 @@ import statistics
 import time
 
 from flashmem_cli import models
-from flashmem_cli.chat.memory import global_layers
 from flashmem_cli.config import default_threads
 from flashmem_cli.engine.attention import AttentionCapture
 from flashmem_cli.engine.backend import Context, ContextParams, Model
 from flashmem_cli.engine.sampling import Sampler, SamplingParams
 from flashmem_cli.engine.sequence import KVSequence
+from flashmem_cli.memory.architecture import describe
 from flashmem_cli.memory.monitor import attention_entropy
 
 PROMPT = "<bos>The history of the lighthouse begins with"
@@ -47,7 +47,11 @@ def main() -> None:
 def decode_speed(model: Model, n_tokens: int, monitored: bool) -> float:
     info = model.info()
     entropies: list[float] = []
-    capture = AttentionCapture(info.n_layer - 1, global_layers(info), 1024) if monitored else None
+    capture = (
+        AttentionCapture(info.n_layer - 1, list(describe(info).mass_layers), 1024)
+        if monitored
+        else None
+    )
     params = ContextParams(
         n_ctx=1024,
         n_threads=default_threads(),

@@ -33,7 +33,8 @@ from flashmem_cli.engine.backend import Context, ContextParams
 from flashmem_cli.engine.generate import stream_generate
 from flashmem_cli.engine.sampling import Sampler, SamplingParams
 from flashmem_cli.engine.sequence import LATENT, KVSequence
-from flashmem_cli.errors import ContextOverflow, FlashmemError
+from flashmem_cli.errors import ContextOverflow, FlashmemError, TemplateError
+from flashmem_cli.memory.architecture import describe
 from flashmem_cli.models import LoadedModel, chat_template_for, load_model
 from flashmem_cli.store.sessions import Session, SessionStore
 
@@ -64,6 +65,7 @@ class TurnResult:
     finish_reason: str
     dropped_turns: int
     timings_ms: dict[str, float] = field(default_factory=dict)
+    reprocessed_tokens: int = 0  # of earlier turns, fed again because the template rewrote them
     memory: TurnMemory | None = None  # None when memory is off
     notices: list[str] = field(default_factory=list)  # repairs, a save that failed
 
@@ -92,9 +94,11 @@ class Conversation:
         self._owns_model = owns_model
         self._owns_ctx = seq is None
         self.memory: ConversationMemory | None = None
+        self._memory_off: str | None = None  # why memory could not run on this model
         if seq is None:
             n_ctx = options.n_ctx or session.meta.n_ctx or DEFAULT_CTX
-            seq = KVSequence(self._own_context(n_ctx))
+            shifts = describe(self.model.info()).shifts
+            seq = KVSequence(self._own_context(n_ctx), shifts=shifts)
         policy = DropOldest() if self.memory is None else Consolidate(self.memory, self._record)
         self.window = KVWindow(seq, policy)
         self.saved = SavedState(session, loaded.file, self.window, self.memory)
@@ -105,6 +109,8 @@ class Conversation:
         self.restore_ms = 0.0
         self._pending_restore_ms = 0.0
         self.notices: list[str] = list(session.notices)  # what was repaired, one line each
+        if self._memory_off is not None:
+            self.notices.append(f"memory is off: {self._memory_off}")
         try:
             self._start()
         except BaseException:
@@ -119,6 +125,9 @@ class Conversation:
             n_ctx, n_batch=self.options.n_batch, n_threads=self.options.n_threads
         )
         if not self.options.memory.enabled or self.options.stateless:
+            return Context(self.model, params)
+        self._memory_off = describe(self.model.info()).memory_problem
+        if self._memory_off is not None:
             return Context(self.model, params)
         self.memory = ConversationMemory(self.model, self.loaded.file, self.options.memory)
         ctx = Context(
@@ -221,13 +230,21 @@ class Conversation:
         if self.layout.messages > len(history):  # a reset whose save was interrupted
             self._replay(history)
         user: Message = {"role": "user", "content": text}
-        chunks = self._chunks(
-            history[: self.layout.messages], history[self.layout.messages :], user
-        )
-        self.session.append({**user, **(tags or {})})
         dropped_before = self.layout.dropped
         events_before = len(self.memory.events) if self.memory else 0
-        new_prompt = self._feed(chunks)
+        try:
+            chunks = self._chunks(
+                history[: self.layout.messages], history[self.layout.messages :], user
+            )
+        except TemplateError:  # the template rewrites earlier text: re-feed from the change
+            chunks = self._turn_chunks(history + [user], prompt=True)
+            self._check_fits(chunks)
+            self.session.append({**user, **(tags or {})})
+            reprocessed, new_prompt = self._resync(history + [user], chunks)
+            chunks = chunks[-1:]  # the turn's own text, as the fast path reports it
+        else:
+            self.session.append({**user, **(tags or {})})
+            reprocessed, new_prompt = 0, self._feed(chunks)
         return PendingTurn(
             start=start,
             messages=history + [user],
@@ -239,6 +256,7 @@ class Conversation:
             prefill_ms=_ms(start),
             tags=tags or {},
             events_before=events_before,
+            reprocessed_tokens=reprocessed,
         )
 
     def finish_turn(
@@ -261,7 +279,7 @@ class Conversation:
         usage = {"prompt_tokens": turn.reply_start, "completion_tokens": len(reply_tokens)}
         record = {**reply_message, **turn.tags, "finish_reason": finish}
         self.session.append({**record, "usage": usage} if turn.tags else record)
-        self._close_reply(turn.messages + [reply_message], len(generated))
+        reprocessed = self._close_reply(turn.messages + [reply_message], len(generated))
         if not self.options.stateless:
             self._save_after_turn()
         restore_ms, self._pending_restore_ms = self._pending_restore_ms, 0.0
@@ -271,6 +289,7 @@ class Conversation:
             prompt_text=turn.prompt_text,
             new_prompt_tokens=turn.new_prompt_tokens,
             cached_tokens=turn.cached_tokens,
+            reprocessed_tokens=turn.reprocessed_tokens + reprocessed,
             generated_tokens=len(reply_tokens),
             finish_reason=finish,
             dropped_turns=self.layout.dropped - turn.dropped_before,
@@ -440,15 +459,102 @@ class Conversation:
     def _after_reply_token(self, step: int) -> None:
         self.window.policy.after_reply_token(self.seq, step)
 
-    def _close_reply(self, messages: list[Message], generated: int) -> None:
-        """Feed the template's end-of-reply text now, so the next turn feeds only its own."""
-        closing = rendering.tokenize(self.model, rendering.reply_closing(self.template, messages))
-        self.window.close_reply(closing, generated)
+    def _close_reply(self, messages: list[Message], generated: int) -> int:
+        """Feed the template's end-of-reply text now, so the next turn feeds only its own.
+        Returns the tokens re-fed because the template renders the reply otherwise than it
+        was generated (from the first token that differs)."""
+        try:
+            ending = rendering.reply_closing(self.template, messages)
+        except TemplateError:
+            if not self.layout.turns:  # the turn already left the cache: so does its reply
+                self.window.close_reply(self.seq.tokens[len(self.seq) :], generated)
+                return 0
+            self.layout.turns[-1] += generated
+            self.layout.messages += 1
+            return self._resync(messages, self._turn_chunks(messages, prompt=False))[0]
+        self.window.close_reply(rendering.tokenize(self.model, ending), generated)
+        return 0
+
+    # -- templates that rewrite earlier text ----------------------------------------------------
+
+    def _turn_chunks(self, messages: list[Message], prompt: bool) -> list[_Chunk]:
+        """Every turn of `messages` from one rendering, cut turn by turn (prompt.turn_texts)."""
+        groups = split_turns(messages)
+        sizes = [len(group) for group in groups]
+        texts = rendering.turn_texts(self.template, messages, sizes, prompt)
+        system = 0 if messages and messages[0]["role"] == "system" else None
+        return [
+            self._tokenize(text, group, system if i == 0 else -1, prompt and i == len(texts) - 1)
+            for i, (text, group) in enumerate(zip(texts, groups, strict=True))
+        ]
+
+    def _resync(self, messages: list[Message], chunks: list[_Chunk]) -> tuple[int, int]:
+        """Make the cache hold `chunks` (every turn of `messages`): the cached turns are compared
+        with their new tokens, the cache is cut at the first token that differs, and fed from
+        there (llama-server's prompt cache does the same). What left the cache - dropped
+        turns, turns consolidated into memory - and, once anything has, the pinned head stay as
+        first rendered: they cannot be re-processed. Returns (cached tokens the rewrite
+        replaced, tokens fed)."""
+        try:
+            return self._rewind_and_feed(messages, chunks)
+        except BaseException:  # the layout may no longer match the turns: start over next turn
+            self.window.reset()
+            raise
+
+    def _rewind_and_feed(self, messages: list[Message], chunks: list[_Chunk]) -> tuple[int, int]:
+        layout = self.layout
+        fed_turns = len(split_turns(messages[: layout.messages]))
+        first = fed_turns - len(layout.turns)  # the oldest turn still in the cache
+        whole = first == 0 and layout.memory == 0
+        if whole and self.seq.tokens[: layout.pinned] != chunks[0].pinned:
+            return self._refeed_all(messages, chunks)
+        position = layout.pinned + layout.memory
+        for k, chunk in enumerate(chunks[first:fed_turns]):
+            held = self.seq.tokens[position : position + layout.turns[k]]
+            if held != chunk.tokens:
+                kept = _common_prefix(held, chunk.tokens)
+                before = len(self.seq)
+                self.window.rewind(k, kept)
+                replaced = before - len(self.seq)
+                fed = self._feed_rest(chunk.tokens[kept:], chunks[first + k + 1 :], kept > 0)
+                layout.messages = len(messages)
+                return replaced, fed
+            position += layout.turns[k]
+        fed = self._feed_rest([], chunks[fed_turns:], False)
+        layout.messages = len(messages)
+        return 0, fed
+
+    def _feed_rest(self, rest: list[int], chunks: list[_Chunk], continues: bool) -> int:
+        """Feed the rest of a rewound turn (`continues`: its kept start is still cached), then
+        whole turns."""
+        if continues:
+            self.window.extend_last_turn(rest)
+        elif rest:
+            chunks = [_Chunk([], "", [], rest, False), *chunks]
+        reserve = self._generation_reserve() if chunks and chunks[-1].prompt else 0
+        return len(rest) * continues + self.window.feed([], [c.tokens for c in chunks], reserve)
+
+    def _refeed_all(self, messages: list[Message], chunks: list[_Chunk]) -> tuple[int, int]:
+        """The pinned head itself was rewritten while nothing has left the cache: start over."""
+        before = len(self.seq)
+        self.window.reset()
+        reserve = self._generation_reserve() if chunks[-1].prompt else 0
+        fed = self.window.feed(chunks[0].pinned, [c.tokens for c in chunks], reserve)
+        self.layout.messages = len(messages)
+        return min(before, fed), fed
 
     def _replay(self, messages: list[Message]) -> None:
         """Feed a transcript's turns into an empty cache (a first start, a rebuild)."""
         self.window.reset()
-        self._feed(self._chunks([], messages, None))
+        try:
+            chunks = self._chunks([], messages, None)
+        except TemplateError:  # the template rewrites earlier text: one rendering, cut
+            if messages and messages[-1]["role"] == "system":
+                messages = messages[:-1]  # a system prompt alone waits for the first message
+            if messages:
+                self._refeed_all(messages, self._turn_chunks(messages, prompt=False))
+            return
+        self._feed(chunks)
 
     def _save_after_turn(self) -> None:
         """The transcript already holds the turn, so a save that fails (a full disk) loses
@@ -480,6 +586,7 @@ class PendingTurn:
     prefill_ms: float
     tags: dict[str, Any] = field(default_factory=dict)
     events_before: int = 0
+    reprocessed_tokens: int = 0
 
 
 @dataclass
@@ -489,6 +596,11 @@ class _Chunk:
     pinned: list[int]  # the never-dropped head, only on a conversation's first chunk
     tokens: list[int]
     prompt: bool  # ends in the generation prompt
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    return next((i for i in range(n) if a[i] != b[i]), n)
 
 
 def log_softmax_at(logits: np.ndarray, token: int) -> float:

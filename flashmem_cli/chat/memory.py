@@ -7,7 +7,6 @@ This is where the engine (the KV cache, the attention tap) meets the numpy metho
 
 from __future__ import annotations
 
-import math
 import time
 import zipfile
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from flashmem_cli.engine.attention import AttentionCapture
 from flashmem_cli.engine.backend import Model, ModelInfo
 from flashmem_cli.engine.sequence import LATENT, KVSequence
 from flashmem_cli.errors import EngineError, FlashmemError
+from flashmem_cli.memory.architecture import describe
 from flashmem_cli.memory.budget import (
     DEFAULT_BUDGET,
     DEFAULT_KEEP_RATIO,
@@ -39,12 +39,13 @@ from flashmem_cli.memory.consolidator import (
     DEFAULT_LATENTS,
     Consolidator,
     EmbeddingRows,
+    output_matrix,
     output_norm,
     untrained_weights,
 )
 from flashmem_cli.memory.gguf_tensors import GGUFTensors
 from flashmem_cli.memory.kv_state import CacheState, parse_sequence_state
-from flashmem_cli.memory.layer import LayerSpec
+from flashmem_cli.memory.layer import LayerSpec, layer_problem
 from flashmem_cli.memory.monitor import DEFAULT_SINKS, TriggerPolicy, attention_entropy
 from flashmem_cli.memory.shipped import calibration_paths, find_weights
 from flashmem_cli.memory.weights import (
@@ -74,17 +75,9 @@ class MemoryOptions:
     inject_in_reply: bool = False  # untrained latents hurt replies (README); off until trained
 
 
-def global_layers(info: ModelInfo) -> list[int]:
-    """Layers attending over the whole context: Gemma 3 makes every 6th layer global."""
-    if info.architecture == "gemma3" and info.n_swa > 0:
-        return [i for i in range(info.n_layer) if (i + 1) % 6 == 0]
-    return [info.n_layer - 1]
-
-
 def layer_spec(info: ModelInfo) -> LayerSpec:
-    return LayerSpec(
-        info.n_head, info.head_dim, info.rms_eps, info.rope_base, 1 / math.sqrt(info.head_dim)
-    )
+    """The consolidator's layer spec for `info`'s architecture (memory/architecture.py)."""
+    return describe(info).layer
 
 
 def resolve_tau(file: ModelFile, options: MemoryOptions) -> float | None:
@@ -109,7 +102,9 @@ def open_consolidator(model: Model, file: ModelFile, tensors: GGUFTensors) -> Co
     """The model's consolidator weights: trained ones from models/ or shipped with flashmem,
     else models/'s untrained file, created when there is none."""
     info = model.info()
-    spec = layer_spec(info)
+    arch = describe(info)
+    if arch.latent_problem is not None:
+        raise FlashmemError(f"{file.name}: {arch.latent_problem}; use --latents 0")
     path = weights_path(models_dir(), file.path.stem)
     found = find_weights(file)
     source = found.path if found is not None else path
@@ -122,13 +117,20 @@ def open_consolidator(model: Model, file: ModelFile, tensors: GGUFTensors) -> Co
             )
         weights = None
     if weights is None:
-        layer = global_layers(info)[-1]  # its cache holds every position (kv_state keys[-1])
-        fresh = untrained_weights(tensors, layer, spec, info.n_embd, file.fingerprint)
+        layer = arch.consolidator_layer  # its cache holds every position (kv_state keys[-1])
+        fresh = untrained_weights(tensors, layer, arch.layer, info.n_embd, file.fingerprint)
         path.parent.mkdir(parents=True, exist_ok=True)
         save_weights(path, fresh)
         weights = load_weights(path)  # use what int8 storage gives, as every later run will
-    scale = math.sqrt(info.n_embd) if info.architecture.startswith("gemma") else 1.0
-    return Consolidator(weights, spec, EmbeddingRows(tensors), output_norm(tensors), scale)
+    return Consolidator(
+        weights,
+        arch.layer,
+        EmbeddingRows(tensors),
+        output_norm(tensors),
+        arch.input_scale,
+        output_rows=EmbeddingRows(tensors, output_matrix(tensors)),
+        final_softcap=arch.final_softcap,
+    )
 
 
 class ConversationMemory:
@@ -138,11 +140,22 @@ class ConversationMemory:
         self.model = model
         self.file = file
         self.info = model.info()
+        self.arch = describe(self.info)
         self.options = options
-        self.capture = AttentionCapture(self.info.n_layer - 1, global_layers(self.info), 0)
+        self.capture = AttentionCapture(self.info.n_layer - 1, list(self.arch.mass_layers), 0)
         self.budget_tokens = 0  # --budget, a fraction of n_ctx or tokens, made tokens
         self.latents_at_budget = latents_at_budget(file, options.n_latents)
         self.latents_in_reply = DEFAULT_LATENTS if options.n_latents is None else options.n_latents
+        writes_latents = self.latents_at_budget > 0 or (
+            options.inject_in_reply and self.latents_in_reply > 0
+        )
+        if writes_latents:
+            with GGUFTensors(file.path) as tensors:
+                problem = self.arch.latent_problem or layer_problem(
+                    set(tensors.tensors), self.arch.consolidator_layer
+                )
+            if problem is not None:
+                raise FlashmemError(f"{file.name}: {problem}; use --latents 0")
         self.tau = resolve_tau(file, options)
         self.last_hidden: np.ndarray | None = None
         self.latent_rows = np.zeros((0, self.info.n_embd), dtype=np.float32)
@@ -269,8 +282,8 @@ class ConversationMemory:
         return event
 
     def _full_cache(self, seq: KVSequence) -> CacheState:
-        n_caches = 2 if self.info.n_swa > 0 else 1
-        full = parse_sequence_state(seq.ctx.sequence_state(seq.seq_id), n_caches)[0]
+        state = seq.ctx.sequence_state(seq.seq_id)
+        full = parse_sequence_state(state, self.arch.n_caches)[0]
         if len(full.positions) != len(seq) or len(self.capture.visible_cells) != len(seq):
             raise EngineError(
                 f"internal: the cache lists {len(full.positions)} cells and the tap "

@@ -145,6 +145,22 @@ class KVWindow:
             self.layout.dropped += 1
         self.layout.messages += 1
 
+    def rewind(self, turn: int, kept: int) -> None:
+        """Remove turn `turn` (an index into layout.turns) from its `kept`-th token on, and
+        every turn after it: a template rewrote them. The kept tokens stay a turn of their own
+        for `extend_last_turn` to complete (none: the turn leaves whole)."""
+        start = self.layout.pinned + self.layout.memory + sum(self.layout.turns[:turn])
+        if start + kept < len(self.seq):
+            self.remove_tail(start + kept)
+        self.layout.turns[turn:] = [kept] if kept else []
+
+    def extend_last_turn(self, tokens: list[int]) -> None:
+        """Feed `tokens` as the rest of the last turn (older turns leave to make room)."""
+        self._make_room(len(tokens), keep_last=True)
+        self.seq.feed(tokens)
+        self.policy.after_decode()
+        self.layout.turns[-1] += len(tokens)
+
     def settle_reply(self, reply_start: int, reply: list[int]) -> None:
         """Make the cache hold exactly `reply` after `reply_start`: feed the last token a batch
         sampled but did not decode, remove what follows a cut (a stop string)."""

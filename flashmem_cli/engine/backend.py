@@ -56,6 +56,13 @@ class ModelInfo:
     head_dim: int
     rms_eps: float
     rope_base: float
+    rope_type: int = 0  # llama_rope_type: 0 pairs adjacent dimensions, 2 (NEOX) halves
+    rope_freq_scale: float = 1.0  # position multiplier (linear scaling: 1 / factor)
+    metadata: tuple[tuple[str, str], ...] = ()  # the GGUF's `<architecture>.*` keys, as text
+
+    def meta(self, key: str) -> str | None:
+        """An architecture-scoped value (`attention.sliding_window`) as text, if present."""
+        return dict(self.metadata).get(f"{self.architecture}.{key}")
 
 
 class Model:
@@ -181,7 +188,26 @@ class Model:
             ),
             rms_eps=self._meta_number("attention.layer_norm_rms_epsilon", 1e-6),
             rope_base=self._meta_number("rope.freq_base", 10000.0),
+            rope_type=int(lc.llama_model_rope_type(self._ptr)),
+            rope_freq_scale=float(lc.llama_model_rope_freq_scale_train(self._ptr)),
+            metadata=self.scoped_metadata(),
         )
+
+    def scoped_metadata(self) -> tuple[tuple[str, str], ...]:
+        """Every `<architecture>.*` metadata key with its value as llama.cpp prints it (arrays
+        as `[a, b]`); the tokenizer's large arrays are not among them."""
+        prefix = (self.meta("general.architecture") or "") + "."
+        key, value = ctypes.create_string_buffer(256), ctypes.create_string_buffer(4096)
+        found = []
+        for i in range(lc.llama_model_meta_count(self._ptr)):
+            if lc.llama_model_meta_key_by_index(self._ptr, i, key, len(key)) < 0:
+                continue
+            name = key.value.decode("utf-8", "replace")
+            if name.startswith(prefix) and (
+                lc.llama_model_meta_val_str_by_index(self._ptr, i, value, len(value)) >= 0
+            ):
+                found.append((name, value.value.decode("utf-8", "replace")))
+        return tuple(found)
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ conversation whose messages hold no such spelling gets exactly the tokens it alw
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from flashmem_cli.engine.backend import Model
@@ -57,6 +58,15 @@ class Rendered:
             position = end
         return Rendered(tuple(head)), Rendered(tuple(tail))
 
+    def start_of_message(self, index: int) -> int | None:
+        """Character offset where message `index`'s content first begins, if it is rendered."""
+        position = 0
+        for piece in self.pieces:
+            if piece.message == index:
+                return position
+            position += len(piece.text)
+        return None
+
     def end_of_message(self, index: int) -> int | None:
         """Character offset where message `index`'s content first ends, if it is rendered."""
         position = 0
@@ -100,6 +110,46 @@ def delta(
             "only the new one"
         )
     return full.split_at(len(before))[1]
+
+
+def turn_texts(
+    template: ChatTemplate, messages: list[Message], sizes: list[int], add_generation_prompt: bool
+) -> list[Rendered]:
+    """The whole conversation rendered once and cut into one text per turn (`sizes`: messages
+    per turn), for templates that rewrite earlier text. A cut falls where the rendering of the
+    turns before it stops agreeing with the whole one, kept between the end of the last content
+    before it and the start of the first content after it: for a template that never rewrites,
+    exactly where `delta` cuts."""
+    full = render(template, messages, add_generation_prompt)
+    cuts: list[int] = []
+    count = 0
+    for size in sizes[:-1]:
+        count += size
+        alone = render(template, messages[:count], add_generation_prompt=False).text
+        low = _nearest(full.end_of_message(i) for i in reversed(range(count)))
+        high = _nearest(full.start_of_message(i) for i in range(count, len(messages)))
+        if full.text.startswith(alone):
+            cut = len(alone)
+        else:  # not inside markup the two renderings only begin alike (`<|end|>` / `<|user|>`)
+            cut = low if low is not None else _common_prefix(alone, full.text)
+        cut = min(cut, high) if high is not None else cut
+        cuts.append(max(cut, cuts[-1] if cuts else 0))
+    texts, rest, done = [], full, 0
+    for cut in cuts:
+        head, rest = rest.split_at(cut - done)
+        texts.append(head)
+        done = cut
+    return texts + [rest]
+
+
+def _nearest(offsets: Iterable[int | None]) -> int | None:
+    """The first offset of a message that is rendered (empty contents are not)."""
+    return next((offset for offset in offsets if offset is not None), None)
+
+
+def _common_prefix(a: str, b: str) -> int:
+    n = min(len(a), len(b))
+    return next((i for i in range(n) if a[i] != b[i]), n)
 
 
 def reply_closing(template: ChatTemplate, messages: list[Message]) -> Rendered:

@@ -17,12 +17,17 @@ class KVSequence:
     decoded from an embedding holds LATENT.
 
     `limit` caps the sequence's length: the whole context unless several sequences share it.
+    `shifts` False: the model's cache cannot be shifted (llama.cpp aborts on a Gemma 3 whose
+    every layer is windowed), so a removal re-decodes what followed the gap instead.
     """
 
-    def __init__(self, ctx: Context, seq_id: int = 0, limit: int | None = None):
+    def __init__(
+        self, ctx: Context, seq_id: int = 0, limit: int | None = None, shifts: bool = True
+    ):
         self.ctx = ctx
         self.seq_id = seq_id
         self.limit = limit or ctx.n_ctx
+        self.shifts = shifts
         self.tokens: list[int] = []
 
     def __len__(self) -> int:
@@ -92,9 +97,20 @@ class KVSequence:
             raise ValueError(f"bad span {start}..{end} of {len(self.tokens)} tokens")
         if start == end:
             return
+        if not self.shifts:
+            self._redecode_without(start, end)
+            return
         self.ctx.remove(self.seq_id, start, end)
         self.ctx.shift(self.seq_id, end, -1, start - end)
         del self.tokens[start:end]
+
+    def _redecode_without(self, start: int, end: int) -> None:
+        after = self.tokens[end:]
+        if LATENT in after:
+            raise EngineError("latents cannot be re-decoded: this model's cache cannot shift")
+        self.ctx.remove(self.seq_id, start, -1)
+        del self.tokens[start:]
+        self.feed(after)
 
     def clear(self) -> None:
         self.ctx.remove(self.seq_id, -1, -1)

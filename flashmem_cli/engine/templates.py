@@ -37,12 +37,14 @@ GEMMA_TEMPLATE = """{{ bos_token }}
 {%- endfor -%}
 {%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}"""
 
-# For models that carry no template and have no known markers: plain role-prefixed lines.
+# For models that carry no template and have no known markers: plain role-prefixed lines. A
+# reply follows `Assistant:` exactly as generated (its own leading space), so a rendered reply
+# is what the cache holds after the generation prompt.
 PLAIN_TEMPLATE = """{{ bos_token }}
 {%- for message in messages -%}
   {%- if message['role'] == 'system' -%}{{ message['content'] + '\n\n' }}
   {%- elif message['role'] == 'user' -%}{{ 'User: ' + message['content'] + '\n' }}
-  {%- else -%}{{ 'Assistant: ' + message['content'] + '\n' }}{%- endif -%}
+  {%- else -%}{{ 'Assistant:' + message['content'] + '\n' }}{%- endif -%}
 {%- endfor -%}
 {%- if add_generation_prompt -%}{{ 'Assistant:' }}{%- endif -%}"""
 

@@ -1,16 +1,17 @@
 """The Shared-KV Consolidator (FlashMem): latent memory tokens from the frozen KV cache (numpy).
 
 A seed MLP maps the backbone's last hidden state h_t to the first input m_0. A copy of the
-backbone's last layer, with its own query projection W_Q and no K/V projections, attends to
+backbone's last global layer (memory/architecture.py), with its own query projection W_Q and no K/V projections, attends to
 the backbone's *frozen* K/V of that layer (read from llama.cpp, never recomputed) and produces
 K outputs greedily, each output the next step's input. A readout maps each output into the
 backbone's input space, where it is decoded like a token embedding.
 
 Trained weights carry a learned readout (`readout.*`: an RMS norm, then a linear map into the
 input space; train/ learns it). Until trained weights exist the readout is parameter-free: the
-output is read as next-token logits through the backbone's own (tied) output matrix, over a
+output is read as next-token logits through the backbone's own output matrix, over a
 candidate vocabulary, and the latent is the probability-weighted mixture of the top-k
-candidates' embedding rows, scaled as the architecture scales token embeddings.
+candidates' embedding rows, scaled as the architecture scales token embeddings (the output
+matrix is the tied embeddings, or the model's own `output.weight`).
 """
 
 from __future__ import annotations
@@ -18,10 +19,18 @@ from __future__ import annotations
 import numpy as np
 
 from flashmem_cli.memory.gguf_tensors import GGUFTensors
-from flashmem_cli.memory.layer import WEIGHTS, DecoderLayer, LayerSpec, gelu, read_weight, rms_norm
+from flashmem_cli.memory.layer import (
+    DecoderLayer,
+    LayerSpec,
+    gelu,
+    read_layer,
+    read_weight,
+    rms_norm,
+)
 from flashmem_cli.memory.weights import ConsolidatorWeights
 
 TOKEN_EMBEDDINGS = "token_embd.weight"
+OUTPUT = "output.weight"  # absent when the model ties its output to the token embeddings
 DEFAULT_LATENTS = 8
 DEFAULT_READOUT_TOP_K = 16
 
@@ -51,13 +60,17 @@ class Consolidator:
         output_norm: np.ndarray,
         input_scale: float,
         top_k: int = DEFAULT_READOUT_TOP_K,
+        output_rows: EmbeddingRows | None = None,
+        final_softcap: float = 0.0,
     ):
         self.weights = weights
         self.layer = DecoderLayer(spec, layer_weights(weights))
         self.embeddings = embeddings
+        self.output_rows = output_rows or embeddings
         self.output_norm = output_norm
         self.input_scale = input_scale
         self.top_k = top_k
+        self.final_softcap = final_softcap
 
     def seed(self, hidden: np.ndarray) -> np.ndarray:
         """m_0 = h + W2 gelu(W1 h + b1) + b2: the identity until W2 is trained."""
@@ -92,7 +105,9 @@ class Consolidator:
             )
         rows = self.embeddings(candidates)
         normed = rms_norm(outputs, self.output_norm, self.layer.spec.rms_eps)
-        logits = normed @ rows.T  # (K, candidates): Gemma ties its output to the embeddings
+        logits = normed @ self.output_rows(candidates).T  # (K, candidates)
+        if self.final_softcap:
+            logits = self.final_softcap * np.tanh(logits / self.final_softcap)
         k = min(self.top_k, len(candidates))
         top = np.argpartition(-logits, k - 1, axis=1)[:, :k]
         chosen = np.take_along_axis(logits, top, axis=1)
@@ -116,7 +131,8 @@ class Consolidator:
 def layer_weights(weights: ConsolidatorWeights) -> dict[str, np.ndarray]:
     """The copied layer's weights as DecoderLayer names them, with the consolidator's own W_Q."""
     t = weights.tensors
-    return {name: t["w_q" if name == "attn_q" else f"layer.{name}"] for name in WEIGHTS}
+    copied = {name.removeprefix("layer."): w for name, w in t.items() if name.startswith("layer.")}
+    return {**copied, "attn_q": t["w_q"]}
 
 
 def untrained_weights(
@@ -124,7 +140,7 @@ def untrained_weights(
 ) -> ConsolidatorWeights:
     """The paper's initialisation: the backbone's last layer copied, W_Q from the backbone's,
     a seed MLP that passes h_t through (W1 = I, W2 = 0), no learned readout."""
-    copied = DecoderLayer.from_gguf(tensors, layer, spec).weights
+    copied = read_layer(tensors, layer, spec)
     found = {f"layer.{name}": w for name, w in copied.items() if name != "attn_q"}
     found["w_q"] = copied["attn_q"]
     eye = np.eye(n_embd, dtype=np.float32)
@@ -137,3 +153,8 @@ def untrained_weights(
 
 def output_norm(tensors: GGUFTensors) -> np.ndarray:
     return read_weight(tensors, "output_norm.weight")
+
+
+def output_matrix(tensors: GGUFTensors) -> str:
+    """The tensor whose rows give the logits: the model's own output, else the tied embeddings."""
+    return OUTPUT if OUTPUT in tensors.tensors else TOKEN_EMBEDDINGS
