@@ -12,6 +12,7 @@ from flashmem_cli.config import MODEL_ENV, models_dir
 from flashmem_cli.engine.backend import Model
 from flashmem_cli.engine.templates import ChatTemplate, select_template
 from flashmem_cli.errors import ModelNotFound
+from flashmem_cli.memory.architecture import describe as describe_architecture
 
 DEFAULT_MODEL = "gemma-3-270m-q4_k_m"
 GGUF_MAGIC = b"GGUF"
@@ -74,6 +75,8 @@ def inspect(file: ModelFile) -> dict[str, object]:
     """What `models info` shows. Loads the model on the CPU (memory-mapped, so it is quick)."""
     with Model(file.path, n_gpu_layers=0) as model:
         info = model.info()
+    arch = describe_architecture(info)
+    layers = ", ".join(map(str, arch.global_layers))
     return {
         "name": file.name,
         "path": str(file.path),
@@ -89,6 +92,10 @@ def inspect(file: ModelFile) -> dict[str, object]:
         "sliding_window": info.n_swa,
         "vocab": info.n_vocab,
         "chat_template": "present" if info.chat_template else "absent (built-in fallback)",
+        "memory": f"off: {arch.memory_problem}"
+        if arch.memory_problem
+        else f"on (global layers {layers}; the consolidator copies layer {arch.consolidator_layer})",
+        "latents": f"no: {arch.latent_problem}" if arch.latent_problem else "supported",
         "default": file.name == DEFAULT_MODEL,
     }
 

@@ -327,3 +327,17 @@ def test_layers_the_consolidator_cannot_copy_are_named_before_any_turn():
     assert "no ffn_up, ffn_down" in (layer_problem(experts, 3) or "")
     long_rope = dense | {"rope_factors_long.weight", "rope_factors_short.weight"}
     assert "LongRoPE" in (layer_problem(long_rope, 3) or "")
+
+
+@pytest.mark.parametrize(
+    "kind, memory, latents",
+    [
+        ("gemma3", "on (global layers 5; the consolidator copies layer 5)", "supported"),
+        ("gpt2", "off: flashmem's memory does not support gpt2 models yet", "no: "),
+    ],
+)
+def test_models_info_says_what_memory_can_do_with_a_model(home, tiny, kind, memory, latents):
+    done = run_cli("models", "info", str(tiny(kind)), "--json")
+    assert done.returncode == 0, done.stderr
+    info = json.loads(done.stdout)
+    assert info["memory"].startswith(memory) and info["latents"].startswith(latents)

@@ -52,7 +52,10 @@ def test_delta_refuses_a_template_that_rewrites_earlier_turns():
         prompt.delta(last_only, [U1, A1], [U2], add_generation_prompt=True)
 
 
-def test_reply_closing_is_the_end_of_turn_marker_even_for_templates_that_trim():
+def test_templates_that_trim_contents_trim_them_as_they_would_the_real_text():
+    """Placeholders carry their content's outer whitespace: a trimming template renders
+    "Hello! " as "Hello!", as it would the real text. The reply is then not rendered as
+    generated, which the chat handles by re-feeding from the trimmed space (issue 12)."""
     assert prompt.reply_closing(GEMMA, [SYS, U1, A1]).text == "<end_of_turn>\n"
     trimming = ChatTemplate(
         "trim",
@@ -61,7 +64,13 @@ def test_reply_closing_is_the_end_of_turn_marker_even_for_templates_that_trim():
         "",
         "",
     )
-    assert prompt.reply_closing(trimming, [U1, A1]).text == "|"
+    rendered = prompt.render(trimming, [U1, A1], add_generation_prompt=False)
+    assert rendered.text == "<Hi|<Hello!|"
+    assert [piece.message for piece in rendered.pieces] == [None, 0, None, 1, None]
+    with pytest.raises(TemplateError, match="rewrites the assistant's reply"):
+        prompt.reply_closing(trimming, [U1, A1])
+    padded = {"role": "user", "content": "  spaced  "}
+    assert prompt.render(GEMMA, [padded], False).text.count("  spaced  ") == 1  # kept whole
 
 
 def test_pinned_end_is_after_the_system_prompt_or_the_bos_marker():

@@ -46,7 +46,7 @@ def send(conversation: Conversation, text: str) -> TurnResult:
     """A turn whose reply is given, not generated: a random model's reply need not be the
     tokens its own text tokenizes to, which would hide what these tests compare."""
     turn = conversation.begin_turn(text)
-    reply = conversation.model.tokenize(" Sunny and warm.")
+    reply = conversation.model.tokenize("Sunny and warm.")
     return conversation.finish_turn(turn, "stop", 0.0, reply=reply)
 
 

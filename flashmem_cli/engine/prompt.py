@@ -2,7 +2,8 @@
 
 Message text reaches the model as text: a user who types `<end_of_turn>` gets those characters,
 never the control token. A conversation is rendered with a placeholder in place of each
-message's content, so the template sees every content as an opaque string; the template's own
+message's content (with the content's own leading and trailing whitespace around it, so that
+a template's `trim` works), so the template sees every content as an opaque string; its own
 text between placeholders is the only text whose special-token spellings become control tokens.
 Tokenization splits the text at those control tokens, as llama.cpp does for a whole text, so a
 conversation whose messages hold no such spelling gets exactly the tokens it always had.
@@ -80,21 +81,42 @@ class Rendered:
 def render(
     template: ChatTemplate, messages: list[Message], add_generation_prompt: bool
 ) -> Rendered:
-    """The template's rendering of `messages`, each content an opaque placeholder filled in."""
-    placeholders = [{**m, "content": _PLACEHOLDER.format(i)} for i, m in enumerate(messages)]
+    """The template's rendering of `messages`, each content an opaque placeholder filled in.
+    A placeholder carries its content's leading and trailing whitespace, so a template that
+    trims contents (Llama 3, Mistral) trims them here as it would the real text."""
+    placeholders = [{**m, "content": _wrapped(i, m["content"])} for i, m in enumerate(messages)]
     parts = _PLACEHOLDER_RE.split(template.render(placeholders, add_generation_prompt))
-    pieces: list[Piece] = []
-    for i, part in enumerate(parts):
-        if i % 2 == 0:
-            if part:
-                pieces.append(Piece(part, None))
-            continue
-        index = int(part)
+    contents: dict[int, str] = {}
+    for i in range(1, len(parts), 2):
+        index = int(parts[i])
         if index >= len(messages):
             raise TemplateError(f"chat template '{template.name}' renders an unknown message")
-        if messages[index]["content"]:
-            pieces.append(Piece(messages[index]["content"], index))
+        lead, core, trail = _edges(messages[index]["content"])
+        lead = lead if parts[i - 1].endswith(lead) else ""
+        trail = trail if parts[i + 1].startswith(trail) else ""
+        parts[i - 1] = parts[i - 1][: len(parts[i - 1]) - len(lead)]
+        parts[i + 1] = parts[i + 1][len(trail) :]
+        contents[i] = lead + core + trail
+    pieces = [
+        Piece(contents[i], int(part)) if i % 2 else Piece(part, None)
+        for i, part in enumerate(parts)
+        if (contents[i] if i % 2 else part)
+    ]
     return Rendered(tuple(pieces))
+
+
+def _wrapped(index: int, content: str) -> str:
+    lead, _, trail = _edges(content)
+    return lead + _PLACEHOLDER.format(index) + trail
+
+
+def _edges(text: str) -> tuple[str, str, str]:
+    """(leading whitespace, the rest stripped, trailing whitespace) of `text`."""
+    core = text.strip()
+    if not core:
+        return text, "", ""
+    start = len(text) - len(text.lstrip())
+    return text[:start], core, text[start + len(core) :]
 
 
 def delta(
