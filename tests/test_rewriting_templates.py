@@ -26,19 +26,23 @@ from flashmem_cli.store.sessions import SessionStore
 
 TEMPLATES = Path(__file__).parent / "data" / "templates"
 TURNS = ["Turn one: rain by the sea.", "Turn two: snow in the hills.", "Turn three: sun."]
-# template file, tiny model kind, whether any turn re-processes cached tokens
+# template file, tiny model kind, whether any turn re-processes cached tokens: only Mistral,
+# which renders a reply given without a leading space (as in `send`) with one
 CASES = [
     ("llama-3.1-instruct.jinja", "llama", False),
     ("qwen2.5-instruct.jinja", "qwen2", False),
     ("mistral-7b-instruct-v0.3.jinja", "llama", True),
-    ("phi-3-mini-instruct.jinja", "phi3", True),
-    ("qwen3.jinja", "qwen3", True),
+    ("phi-3-mini-instruct.jinja", "phi3", False),
+    ("qwen3.jinja", "qwen3", False),
 ]
 
 
 def rendered_tokens(conversation: Conversation) -> list[int]:
-    """The tokens of the template's rendering of the whole conversation, turn by turn."""
-    chunks = conversation._turn_chunks(conversation.messages(), prompt=False)
+    """The tokens of the template's rendering of the whole conversation, turn by turn, as the
+    next turn renders it (a template may render a conversation that ends in a reply otherwise:
+    Qwen3's think block, Phi-3's EOS, Mistral's system prompt)."""
+    then = [*conversation.messages(), prompt.NEXT_TURN]
+    chunks = conversation._turn_chunks(then, prompt=False)[:-1]
     return chunks[0].pinned + [token for chunk in chunks for token in chunk.tokens]
 
 
@@ -86,16 +90,18 @@ def test_the_cache_holds_the_templates_rendering_after_every_turn(
 
 
 def test_a_rewrite_costs_only_the_tokens_after_it(home, tmp_path):
-    """Phi-3 ends a rendering with EOS and drops it when the next turn comes: the next turn
-    re-processes from that token on, not the conversation."""
-    template = (TEMPLATES / "phi-3-mini-instruct.jinja").read_text()
-    model = write_tiny_gguf(tmp_path / "m.gguf", "phi3", template)
+    """Mistral renders a reply as ' ' + reply: a reply generated without its own space is fed
+    again from its first token at the end of the turn - the reply, not the conversation - and
+    the next turn then reuses everything."""
+    template = (TEMPLATES / "mistral-7b-instruct-v0.3.jinja").read_text()
+    model = write_tiny_gguf(tmp_path / "m.gguf", "llama", template)
     with open_conversation(SessionStore(sessions_dir()), "s", options(model)) as conversation:
         first = send(conversation, TURNS[0])
-        held = len(conversation.seq)
         second = send(conversation, TURNS[1])
-    assert first.reprocessed_tokens == 0
-    assert 1 <= second.reprocessed_tokens < held // 2
+        reply = len(conversation.model.tokenize("Sunny and warm."))
+        held = len(conversation.seq)
+    assert first.reprocessed_tokens == second.reprocessed_tokens == reply
+    assert reply < held // 4
 
 
 def test_rewrites_inside_consolidated_history_are_left_as_they_were(home, tmp_path):
@@ -192,3 +198,43 @@ def test_turn_texts_cut_beside_empty_contents():
     ]
     first, second = prompt.turn_texts(template, messages, [3, 1], add_generation_prompt=True)
     assert "Hi" in first.text and "Bye" in second.text and "Hi" not in second.text
+
+
+def test_a_turn_that_fails_half_way_leaves_the_session_usable(home, tmp_path):
+    """Ctrl-C while a turn is fed: the transcript keeps the unanswered message, the next turn
+    leaves it out (roles must alternate for Mistral) and the cache follows the transcript."""
+    template = (TEMPLATES / "mistral-7b-instruct-v0.3.jinja").read_text()
+    model = write_tiny_gguf(tmp_path / "m.gguf", "llama", template)
+    store = SessionStore(sessions_dir())
+    with open_conversation(store, "s", options(model), system="Be brief.") as conversation:
+        send(conversation, TURNS[0])
+        decode = conversation.ctx.decode
+
+        def interrupted(*args: object, **kwargs: object) -> None:
+            raise KeyboardInterrupt
+
+        conversation.ctx.decode = interrupted  # type: ignore[method-assign]
+        with pytest.raises(KeyboardInterrupt):
+            send(conversation, TURNS[1])
+        conversation.ctx.decode = decode  # type: ignore[method-assign]
+        send(conversation, TURNS[2])
+        assert [m["content"] for m in conversation.messages() if m["role"] == "user"] == [
+            TURNS[0],
+            TURNS[2],
+        ]
+        assert conversation.seq.tokens == rendered_tokens(conversation)
+    records = [r for r in store.open("s").records() if r.get("role") == "user"]
+    assert [r["content"] for r in records] == TURNS  # nothing lost
+
+
+def test_turn_texts_never_cut_inside_markup_after_empty_contents():
+    template = ChatTemplate(
+        "phi", (TEMPLATES / "phi-3-mini-instruct.jinja").read_text(), "<s>", "<|endoftext|>"
+    )
+    messages = [
+        {"role": "user", "content": ""},
+        {"role": "assistant", "content": ""},
+        {"role": "user", "content": "hi"},
+    ]
+    first, second = prompt.turn_texts(template, messages, [2, 1], add_generation_prompt=True)
+    assert "<|user|>" in second.text and not first.text.endswith("<|")

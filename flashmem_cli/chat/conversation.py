@@ -227,7 +227,9 @@ class Conversation:
         if self.options.stateless:
             self.window.reset()
         history = self.messages()
-        if self.layout.messages > len(history):  # a reset whose save was interrupted
+        if history and history[-1]["role"] == "user":
+            history = history[:-1]  # a turn that failed before its reply: the transcript keeps it
+        if self.layout.messages > len(history):  # a reset whose save was interrupted, or that turn
             self._replay(history)
         user: Message = {"role": "user", "content": text}
         dropped_before = self.layout.dropped
@@ -415,11 +417,16 @@ class Conversation:
             )
 
     def _feed(self, chunks: list[_Chunk]) -> int:
-        """Feed the turns not yet in the cache; the window makes room. Returns tokens fed."""
+        """Feed the turns not yet in the cache; the window makes room. Returns tokens fed. A
+        feed that fails leaves an empty cache, which the next turn fills from the transcript."""
         self.layout.messages += sum(len(chunk.group) for chunk in chunks)
         reserve = self._generation_reserve() if chunks and chunks[-1].prompt else 0
         head = chunks[0].pinned if chunks else []
-        return self.window.feed(head, [chunk.tokens for chunk in chunks], reserve)
+        try:
+            return self.window.feed(head, [chunk.tokens for chunk in chunks], reserve)
+        except BaseException:
+            self.window.reset()
+            raise
 
     def _generation_reserve(self) -> int:
         limit = self.n_ctx // 4
@@ -471,7 +478,9 @@ class Conversation:
                 return 0
             self.layout.turns[-1] += generated
             self.layout.messages += 1
-            return self._resync(messages, self._turn_chunks(messages, prompt=False))[0]
+            if self.options.stateless:  # the next turn starts from an empty cache anyway
+                return 0
+            return self._resync(messages, self._settled_chunks(messages))[0]
         self.window.close_reply(rendering.tokenize(self.model, ending), generated)
         return 0
 
@@ -487,6 +496,14 @@ class Conversation:
             self._tokenize(text, group, system if i == 0 else -1, prompt and i == len(texts) - 1)
             for i, (text, group) in enumerate(zip(texts, groups, strict=True))
         ]
+
+    def _settled_chunks(self, messages: list[Message]) -> list[_Chunk]:
+        """The turns of `messages` as the next turn will render them: a template may render a
+        conversation that ends in a reply otherwise (Qwen3's think block, Phi-3's EOS,
+        Mistral's system prompt)."""
+        if not messages or messages[-1]["role"] != "assistant":
+            return self._turn_chunks(messages, prompt=False)
+        return self._turn_chunks([*messages, rendering.NEXT_TURN], prompt=False)[:-1]
 
     def _resync(self, messages: list[Message], chunks: list[_Chunk]) -> tuple[int, int]:
         """Make the cache hold `chunks` (every turn of `messages`): the cached turns are compared
@@ -552,7 +569,7 @@ class Conversation:
             if messages and messages[-1]["role"] == "system":
                 messages = messages[:-1]  # a system prompt alone waits for the first message
             if messages:
-                self._refeed_all(messages, self._turn_chunks(messages, prompt=False))
+                self._refeed_all(messages, self._settled_chunks(messages))
             return
         self._feed(chunks)
 

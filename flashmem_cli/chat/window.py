@@ -156,6 +156,8 @@ class KVWindow:
 
     def extend_last_turn(self, tokens: list[int]) -> None:
         """Feed `tokens` as the rest of the last turn (older turns leave to make room)."""
+        if not tokens:
+            return
         self._make_room(len(tokens), keep_last=True)
         self.seq.feed(tokens)
         self.policy.after_decode()

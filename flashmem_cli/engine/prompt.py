@@ -153,7 +153,7 @@ def turn_texts(
         if full.text.startswith(alone):
             cut = len(alone)
         else:  # not inside markup the two renderings only begin alike (`<|end|>` / `<|user|>`)
-            cut = low if low is not None else _common_prefix(alone, full.text)
+            cut = low if low is not None else (cuts[-1] if cuts else 0)
         cut = min(cut, high) if high is not None else cut
         cuts.append(max(cut, cuts[-1] if cuts else 0))
     texts, rest, done = [], full, 0
@@ -169,18 +169,21 @@ def _nearest(offsets: Iterable[int | None]) -> int | None:
     return next((offset for offset in offsets if offset is not None), None)
 
 
-def _common_prefix(a: str, b: str) -> int:
-    n = min(len(a), len(b))
-    return next((i for i in range(n) if a[i] != b[i]), n)
+NEXT_TURN: Message = {"role": "user", "content": "."}  # stands for whatever is said next
 
 
 def reply_closing(template: ChatTemplate, messages: list[Message]) -> Rendered:
-    """Markup the template puts after the last (assistant) message's content."""
+    """Markup the template puts after the last (assistant) message's content. TemplateError
+    when the reply is not rendered as generated, or when the next turn's rendering would not
+    keep this one (Phi-3 ends a conversation with EOS and drops it once another turn follows)."""
     expected = render(template, messages[:-1], add_generation_prompt=True).text
     expected += messages[-1]["content"]
     full = render(template, messages, add_generation_prompt=False)
     if not full.text.startswith(expected):
         raise TemplateError(f"chat template '{template.name}' rewrites the assistant's reply")
+    following = render(template, [*messages, NEXT_TURN], add_generation_prompt=False)
+    if not following.text.startswith(full.text):
+        raise TemplateError(f"chat template '{template.name}' re-renders the reply's turn")
     return full.split_at(len(expected))[1]
 
 
