@@ -95,10 +95,10 @@ class Conversation:
         self._owns_ctx = seq is None
         self.memory: ConversationMemory | None = None
         self._memory_off: str | None = None  # why memory could not run on this model
+        self.arch = describe(self.model.info())
         if seq is None:
             n_ctx = options.n_ctx or session.meta.n_ctx or DEFAULT_CTX
-            shifts = describe(self.model.info()).shifts
-            seq = KVSequence(self._own_context(n_ctx), shifts=shifts)
+            seq = KVSequence(self._own_context(n_ctx), shifts=self.arch.shifts)
         policy = DropOldest() if self.memory is None else Consolidate(self.memory, self._record)
         self.window = KVWindow(seq, policy)
         self.saved = SavedState(session, loaded.file, self.window, self.memory)
@@ -126,7 +126,7 @@ class Conversation:
         )
         if not self.options.memory.enabled or self.options.stateless:
             return Context(self.model, params)
-        self._memory_off = describe(self.model.info()).memory_problem
+        self._memory_off = self.arch.memory_problem
         if self._memory_off is not None:
             return Context(self.model, params)
         self.memory = ConversationMemory(self.model, self.loaded.file, self.options.memory)
@@ -474,7 +474,7 @@ class Conversation:
             ending = rendering.reply_closing(self.template, messages)
         except TemplateError:
             if not self.layout.turns:  # the turn already left the cache: so does its reply
-                self.window.close_reply(self.seq.tokens[len(self.seq) :], generated)
+                self.window.close_reply([], generated)
                 return 0
             self.layout.turns[-1] += generated
             self.layout.messages += 1
@@ -549,7 +549,8 @@ class Conversation:
         elif rest:
             chunks = [_Chunk([], "", [], rest, False), *chunks]
         reserve = self._generation_reserve() if chunks and chunks[-1].prompt else 0
-        return len(rest) * continues + self.window.feed([], [c.tokens for c in chunks], reserve)
+        extended = len(rest) if continues else 0
+        return extended + self.window.feed([], [c.tokens for c in chunks], reserve)
 
     def _refeed_all(self, messages: list[Message], chunks: list[_Chunk]) -> tuple[int, int]:
         """The pinned head itself was rewritten while nothing has left the cache: start over."""

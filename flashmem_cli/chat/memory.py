@@ -102,9 +102,7 @@ def open_consolidator(model: Model, file: ModelFile, tensors: GGUFTensors) -> Co
     """The model's consolidator weights: trained ones from models/ or shipped with flashmem,
     else models/'s untrained file, created when there is none."""
     info = model.info()
-    arch = describe(info)
-    if arch.latent_problem is not None:
-        raise FlashmemError(f"{file.name}: {arch.latent_problem}; use --latents 0")
+    arch = describe(info)  # ConversationMemory refused latents this architecture cannot have
     path = weights_path(models_dir(), file.path.stem)
     found = find_weights(file)
     source = found.path if found is not None else path

@@ -139,9 +139,9 @@ def turn_texts(
 ) -> list[Rendered]:
     """The whole conversation rendered once and cut into one text per turn (`sizes`: messages
     per turn), for templates that rewrite earlier text. A cut falls where the rendering of the
-    turns before it stops agreeing with the whole one, kept between the end of the last content
-    before it and the start of the first content after it: for a template that never rewrites,
-    exactly where `delta` cuts."""
+    turns before it ends when the whole one begins with it (exactly where `delta` cuts), else
+    right after the last content before it; never after the first content that follows, never
+    before the previous cut."""
     full = render(template, messages, add_generation_prompt)
     cuts: list[int] = []
     count = 0
