@@ -4,7 +4,7 @@ while generating after passages of a corpus.
 For each paragraph the model reads it (with up to `CONTEXT_PARAGRAPHS - 1` paragraphs before
 it, so contexts of several lengths are seen), then generates `GENERATED` tokens greedily; each
 generated token's last-layer attention gives one entropy, sinks masked, exactly as in chat. τ
-is a percentile of them, stored beside the model.
+is a percentile of them, stored in the user's models directory (config.models_dir).
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ def calibrate(
     percentile: float = DEFAULT_PERCENTILE,
     progress: Callable[[int, int], None] | None = None,
 ) -> tuple[Calibration, str]:
-    """Measure, store beside the model, and return the calibration and where it went."""
+    """Measure, store in the models directory, and return the calibration and where it went."""
     passages = paragraphs(corpus)
     if not passages:
         raise FlashmemError(f"the corpus {corpus_name} has no text")

@@ -4,17 +4,33 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 from collections.abc import Callable
 from dataclasses import replace
+from datetime import datetime, timezone
+from importlib import metadata
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich import box
+from rich.cells import cell_len
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    ProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
 from rich.table import Table
+from rich.text import Text
+from typer.core import TyperOption
 
 from flashmem_cli import models
 from flashmem_cli.batch import runner as batch_runner
@@ -27,9 +43,9 @@ from flashmem_cli.chat.conversation import (
     TurnResult,
     open_conversation,
 )
-from flashmem_cli.chat.layout import conversation_messages
+from flashmem_cli.chat.events import MemoryEvent
 from flashmem_cli.chat.memory import MemoryOptions, resolve_tau, weights_status
-from flashmem_cli.chat.reports import MemoryReport, TurnMemory
+from flashmem_cli.chat.reports import TurnMemory
 from flashmem_cli.config import (
     DEFAULT_CTX,
     DEFAULT_N_PREDICT,
@@ -41,6 +57,7 @@ from flashmem_cli.engine.sampling import RANDOM_SEED, SamplingParams
 from flashmem_cli.errors import FlashmemError, SessionCorrupt
 from flashmem_cli.memory.budget import KEEP_SCORES, POOL
 from flashmem_cli.memory.weights import weights_path
+from flashmem_cli.repl import repl, report_notices, stream_turn
 from flashmem_cli.store.meta import read_meta
 from flashmem_cli.store.sessions import (
     SessionStore,
@@ -63,6 +80,56 @@ eval_app = typer.Typer(help="Evaluations of flashmem's memory.", no_args_is_help
 app.add_typer(sessions_app, name="sessions")
 app.add_typer(models_app, name="models")
 app.add_typer(eval_app, name="eval")
+
+_typer_display_type_rich = getattr(TyperOption, "display_type_rich", None)
+
+
+def flag_display_type(self: TyperOption, ctx: Any) -> str | None:
+    """No type column for a flag, which takes no value. typer 0.29.2's rich help shows `<bool>`
+    for every flag, --help included (its plain help already leaves flags without a type), and
+    no setting turns that off."""
+    if self.is_flag or self.count:
+        return None
+    assert _typer_display_type_rich is not None
+    return _typer_display_type_rich(self, ctx)
+
+
+if _typer_display_type_rich is not None:  # a typer without the method: nothing to patch
+    setattr(TyperOption, "display_type_rich", flag_display_type)  # noqa: B010 - mypy: method-assign
+
+
+def version_text() -> str:
+    """flashmem's version and that of the llama.cpp bindings it runs on, as installed."""
+
+    def installed(name: str) -> str:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+
+    return f"flashmem {installed('flashmem-cli')}\nllama-cpp-python {installed('llama-cpp-python')}"
+
+
+def show_version(value: bool) -> None:
+    if value:
+        console.out(version_text(), highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def app_options(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version",
+            help="Print the versions of flashmem and llama-cpp-python, and exit.",
+            callback=show_version,
+            is_eager=True,
+        ),
+    ] = False,
+) -> None:
+    """Local LLM chat whose memory lives on disk: a turn costs only its own tokens."""
+
 
 MAX_CTX = 1 << 20
 MAX_SEED = (1 << 32) - 2  # 2**32 - 1 is llama.cpp's "random"
@@ -124,9 +191,30 @@ def check_keep_score(value: str) -> str:
 ThreadsOpt = Annotated[
     int | None, typer.Option("-t", "--threads", help="CPU threads.", min=1, max=MAX_THREADS)
 ]
-TopKOpt = Annotated[int, typer.Option("--top-k", min=0)]
-TopPOpt = Annotated[float, typer.Option("--top-p", min=0.0, max=1.0, callback=finite())]
-MinPOpt = Annotated[float, typer.Option("--min-p", min=0.0, max=1.0, callback=finite())]
+TopKOpt = Annotated[
+    int, typer.Option("--top-k", help="Sample among the K most likely tokens (0: all).", min=0)
+]
+TopPOpt = Annotated[
+    float,
+    typer.Option(
+        "--top-p",
+        help="Nucleus sampling: the smallest set of tokens whose probability adds up to P "
+        "(1.0: off).",
+        min=0.0,
+        max=1.0,
+        callback=finite(),
+    ),
+]
+MinPOpt = Annotated[
+    float,
+    typer.Option(
+        "--min-p",
+        help="Drop tokens less likely than P times the most likely one (0.0: off).",
+        min=0.0,
+        max=1.0,
+        callback=finite(),
+    ),
+]
 
 
 LatentsOpt = Annotated[
@@ -289,6 +377,12 @@ def chat(
             "lower reply likelihood: off by default).",
         ),
     ] = False,
+    verbose: Annotated[
+        bool,
+        typer.Option(
+            "--verbose", "-v", help="After each reply: tokens/s, cached and new tokens (/verbose)."
+        ),
+    ] = False,
 ) -> None:
     """Chat in a session that lives on disk and resumes from its saved KV cache.
 
@@ -332,7 +426,7 @@ def chat(
         if prompt is not None:
             one_shot(conversation, prompt, as_json)
         else:
-            repl(conversation)
+            repl(conversation, verbose)
 
 
 def one_shot(conversation: Conversation, prompt: str, as_json: bool) -> None:
@@ -340,19 +434,7 @@ def one_shot(conversation: Conversation, prompt: str, as_json: bool) -> None:
         result = conversation.send(prompt)
         console.print_json(data=turn_json(conversation, result))
         return
-    result = conversation.send(prompt, on_text=lambda text: print(text, end="", flush=True))
-    print()
-    report_turn(result)
-    rewritten = (
-        f"{result.reprocessed_tokens} re-processed (the template rewrote them), "
-        if result.reprocessed_tokens
-        else ""
-    )
-    err_console.print(
-        f"[dim]{result.new_prompt_tokens} new prompt tokens, {result.cached_tokens} cached, "
-        f"{rewritten}{result.generated_tokens} generated · first token after "
-        f"{result.timings_ms['ttft']:.0f} ms[/]"
-    )
+    stream_turn(conversation, prompt, verbose=True, label=False)
 
 
 def turn_json(conversation: Conversation, result: TurnResult) -> dict[str, Any]:
@@ -375,24 +457,6 @@ def turn_json(conversation: Conversation, result: TurnResult) -> dict[str, Any]:
             **(result.memory or TurnMemory([], [], [])).to_dict(),
         },
     }
-
-
-def report_notices(notices: list[str]) -> None:
-    for notice in notices:
-        err_console.print(f"[yellow]note:[/] {escape(notice)}", highlight=False)
-
-
-def report_turn(result: TurnResult) -> None:
-    report_notices(result.notices)
-    for event in result.memory.consolidations if result.memory else []:
-        err_console.print(f"[magenta]memory:[/] [dim]{escape(event.describe())}[/]")
-    if result.dropped_turns:
-        err_console.print(
-            f"[yellow]context full: dropped the {result.dropped_turns} oldest turn(s) from the KV "
-            "cache (the transcript keeps them)[/]"
-        )
-    if result.finish_reason == "length":
-        err_console.print("[dim](reply cut at the token limit)[/]")
 
 
 def not_utf8(what: str, offset: int) -> FlashmemError:
@@ -425,106 +489,6 @@ def read_stdin_message() -> str:
     if sys.platform == "win32":  # what text-mode stdin did there
         text = text.replace("\r\n", "\n").replace("\r", "\n")
     return text.removesuffix("\n")
-
-
-REPL_HELP = """[bold]/help[/]    this list
-[bold]/exit[/]    leave (also Ctrl-D)
-[bold]/reset[/]   start the conversation over (the transcript keeps everything)
-[bold]/stats[/]   what the KV cache holds
-[bold]/memory[/]  latent blocks in the cache, consolidation events, monitor settings
-End a line with \\ to continue it; a line of \"\"\" starts or ends a block."""
-
-
-def repl(conversation: Conversation) -> None:
-    report_notices(conversation.notices)
-    conversation.notices.clear()
-    stats = conversation.stats().to_dict()
-    err_console.print(
-        f"[dim]session[/] [bold]{stats['session']}[/] [dim]· {stats['model']} · "
-        f"{stats['kv_tokens']} tokens cached · /help[/]"
-    )
-    while True:
-        text = read_message()
-        if text is None or text.strip() == "/exit":
-            return
-        if not text.strip():
-            continue
-        try:
-            if text.strip().startswith("/"):
-                run_slash_command(conversation, text.strip())
-                continue
-            console.print("[bold cyan]model>[/] ", end="")
-            result = conversation.send(
-                text, on_text=lambda piece: console.out(piece, end="", highlight=False)
-            )
-            console.out("")
-            report_turn(result)
-        except FlashmemError as exc:  # the session stays open: nothing was lost
-            console.out("")
-            err_console.print(f"[red]error:[/] {escape(str(exc))}", highlight=False)
-
-
-def read_message() -> str | None:
-    """One message from the terminal: `\\` continues a line, `\"\"\"` fences a block."""
-    lines: list[str] = []
-    in_block = False
-    while True:
-        try:
-            line = utf8_text(
-                console.input("[bold green]you>[/] " if not lines else "[dim]...[/]  "), "the line"
-            )
-        except EOFError:
-            return None if not lines else "\n".join(lines)
-        except (UnicodeDecodeError, FlashmemError) as exc:  # refused; the user types it again
-            if isinstance(exc, UnicodeDecodeError):  # a terminal that decodes strictly
-                exc = not_utf8("the line", exc.start)
-            err_console.print(f"[red]error:[/] {escape(str(exc))}", highlight=False)
-            continue
-        if line.strip() == '"""':
-            if in_block:
-                return "\n".join(lines)
-            in_block = True
-            continue
-        if in_block:
-            lines.append(line)
-        elif line.endswith("\\"):
-            lines.append(line[:-1])
-        else:
-            lines.append(line)
-            return "\n".join(lines)
-
-
-def run_slash_command(conversation: Conversation, command: str) -> None:
-    if command == "/help":
-        console.print(REPL_HELP)
-    elif command == "/reset":
-        conversation.reset()
-        console.print("[dim]conversation reset; the transcript keeps the old turns[/]")
-    elif command == "/stats":
-        table = Table(show_header=False, box=None)
-        for key, value in conversation.stats().to_dict().items():
-            table.add_row(f"[dim]{key}[/]", str(value))
-        console.print(table)
-    elif command == "/memory":
-        print_memory(conversation.memory_report())
-    else:
-        console.print(f"[red]unknown command {command}[/] (/help lists them)")
-
-
-def print_memory(report: MemoryReport) -> None:
-    table = Table(show_header=False, box=None)
-    for key, value in report.settings.items():
-        table.add_row(f"[dim]{key}[/]", str(value))
-    console.print(table)
-    blocks = Table("latent block", "positions", "tokens")
-    for block in report.latent_blocks:
-        end = block.start + block.length - 1
-        blocks.add_row(str(block.index), f"{block.start}-{end}", str(block.length))
-    console.print(blocks if report.latent_blocks else "[dim]no latents in the cache[/]")
-    events = Table("when", "event")
-    for event in report.events:
-        events.add_row(event.ts, escape(event.describe()))
-    console.print(events if report.events else "[dim]no consolidations yet[/]")
 
 
 # -- run ------------------------------------------------------------------------------------
@@ -627,8 +591,20 @@ def parse_shard(text: str) -> tuple[int, int]:
     return index, count
 
 
+def time_columns() -> tuple[ProgressColumn, ...]:
+    """Elapsed and remaining time, each labelled: two bare `0:00:12`s do not say which is which."""
+    return (
+        TextColumn("[dim]elapsed[/]"),
+        TimeElapsedColumn(),
+        TextColumn("[dim]ETA[/]"),
+        TimeRemainingColumn(),
+    )
+
+
 class BatchProgress:
-    """A rich progress bar on stderr: done/failed/total, tokens/s, ETA."""
+    """A rich progress bar on stderr: done/failed/total, tokens/s, elapsed time and ETA. It
+    redraws itself (rich's refresh thread); the numbers change when the runner reports, which
+    it does at least once a second while decoding."""
 
     def __init__(self, console: Console, enabled: bool):
         self.enabled = enabled
@@ -637,7 +613,7 @@ class BatchProgress:
             BarColumn(),
             TextColumn("{task.completed}/{task.total} done · {task.fields[failed]} failed"),
             TextColumn("· {task.fields[rate]:.1f} tok/s"),
-            TimeRemainingColumn(),
+            *time_columns(),
             console=console,
             disable=not enabled,
         )
@@ -684,20 +660,118 @@ def print_summary(stats: batch_runner.RunStats, plan: batch_runner.RunPlan) -> N
 
 
 @sessions_app.command("list")
-def sessions_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+def sessions_list(
+    as_json: Annotated[
+        bool,
+        typer.Option("--json", help="Print the sessions as a JSON array (absolute timestamps)."),
+    ] = False,
+) -> None:
     """Every session, newest activity last."""
     summaries = store().list()
     if as_json:
         console.print_json(data=[s.__dict__ for s in summaries])
         return
-    table = Table("session", "messages", "model", "KV state", "updated")
-    for s in summaries:
-        table.add_row(s.name, str(s.messages), s.model, human_bytes(s.state_bytes), s.updated)
-    console.print(table if summaries else f"[dim]no sessions in {sessions_dir()}[/]")
+    if not summaries:
+        console.print(f"[dim]no sessions in {sessions_dir()}[/]")
+        return
+    now = datetime.now(timezone.utc)
+    rows: list[tuple[str, ...]] = [
+        (
+            s.name,
+            str(s.messages),
+            short_model_name(s.model),
+            human_bytes(s.state_bytes),
+            relative_time(s.updated, now),
+            s.preview,
+        )
+        for s in summaries
+    ]
+    console.print(sessions_table(rows, console.width))
+
+
+LISTING_HEADERS = ("session", "msgs", "model", "KV", "updated", "first message")
+MESSAGES, MODEL, KV, PREVIEW = 1, 2, 3, 5
+GIVE_WAY = (KV, MODEL)  # dropped in turn while the first message has under PREVIEW_ROOM
+PREVIEW_ROOM = 24
+MODEL_WIDTH = 14
+QUANT_SUFFIX = re.compile(r"[-._](i?q\d\w*|f16|bf16|f32)$", re.IGNORECASE)
+COLUMN_GAP = 2  # a SIMPLE_HEAD divider and the padding right of each cell
+
+
+def sessions_table(rows: list[tuple[str, ...]], width: int) -> Table:
+    """The listing, one line per session within `width` columns: names whole (other commands
+    take them), the model cut to MODEL_WIDTH and the first message to the room left, with an
+    ellipsis; on a narrow terminal the KV size goes, then the model. The widths are set here
+    because rich, given a table too wide, narrows the name column first."""
+    natural = [
+        max(cell_len(cell) for cell in column)
+        for column in zip(LISTING_HEADERS, *rows, strict=True)
+    ]
+    natural[MODEL] = min(natural[MODEL], MODEL_WIDTH)
+    shown = [i for i in range(len(LISTING_HEADERS)) if i != PREVIEW]
+
+    def room() -> int:
+        return width - sum(natural[i] + COLUMN_GAP for i in shown)
+
+    for column in GIVE_WAY:
+        if room() < PREVIEW_ROOM:
+            shown.remove(column)
+    if room() >= len(LISTING_HEADERS[PREVIEW]):
+        natural[PREVIEW] = min(natural[PREVIEW], room())
+        shown.append(PREVIEW)
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=(0, 1, 0, 0))
+    for i in shown:
+        table.add_column(
+            LISTING_HEADERS[i],
+            width=natural[i],
+            no_wrap=True,
+            overflow="ellipsis",
+            justify="right" if i in (MESSAGES, KV) else "left",
+            style="dim" if i == PREVIEW else None,
+        )
+    for row in rows:
+        table.add_row(*(Text(row[i]) for i in shown))
+    return table
+
+
+def short_model_name(name: str) -> str:
+    """A model's name without its quantization (`gemma-3-270m-q4_k_m`: `gemma-3-270m`), which
+    a listing has no room for."""
+    return QUANT_SUFFIX.sub("", name) or name
+
+
+def relative_time(iso: str, now: datetime) -> str:
+    """An ISO timestamp as how long before `now` it is: "3 min ago", "yesterday", "5 days ago";
+    the local date once it is a month old. "-" when there is none or it cannot be read."""
+    try:
+        then = datetime.fromisoformat(iso)
+    except ValueError:
+        return "-"
+    if then.tzinfo is None:  # written by hand or by another tool: take it as local time
+        then = then.astimezone()
+    seconds = (now - then).total_seconds()
+    minutes, hours, days = int(seconds // 60), int(seconds // 3600), int(seconds // 86400)
+    if minutes < 1:
+        return "just now"
+    if hours < 1:
+        return f"{minutes} min ago"
+    if days < 1:
+        return f"{hours} h ago"
+    if days == 1:
+        return "yesterday"
+    if days < 30:
+        return f"{days} days ago"
+    return then.astimezone().date().isoformat()
 
 
 @sessions_app.command("show")
-def sessions_show(name: str, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+def sessions_show(
+    name: str,
+    as_json: Annotated[
+        bool,
+        typer.Option("--json", help="Print the settings and the transcript as one JSON object."),
+    ] = False,
+) -> None:
     """A session's settings and its conversation."""
     meta, records = load_session_files(name)
     if as_json:
@@ -710,9 +784,26 @@ def sessions_show(name: str, as_json: Annotated[bool, typer.Option("--json")] = 
         f"{(kv.get('layout') or {}).get('consolidated', 0)} turns consolidated, "
         f"{(kv.get('layout') or {}).get('dropped', 0)} dropped from the cache"
     )
-    for message in conversation_messages(records):
-        console.print(f"[bold]{message['role']}>[/] ", end="")
-        console.out(message["content"], highlight=False)
+    for record in records:
+        show_record(record)
+
+
+def show_record(record: dict[str, Any]) -> None:
+    """One transcript line as `sessions show` prints it: messages, and in dim lines what
+    happened between them."""
+    event = record.get("event")
+    if "role" in record:
+        console.print(f"[bold]{escape(str(record['role']))}>[/] ", end="")
+        console.out(str(record.get("content", "")), highlight=False)
+    elif event == "memory":
+        console.print(f"[magenta]{escape(MemoryEvent.from_record(record).headline())}[/]")
+    elif event == "undo":
+        took_back = "retried the last reply" if record.get("for") == "retry" else "undo"
+        console.print(f"[dim]({took_back}: the last exchange was taken back)[/]")
+    elif event == "system":
+        console.print(f"[dim](system prompt changed to: {escape(str(record.get('content')))})[/]")
+    elif event == "reset":
+        console.print("[dim](reset: the conversation started over)[/]")
 
 
 @sessions_app.command("export")
@@ -761,6 +852,10 @@ def export_markdown(name: str, records: list[dict[str, Any]]) -> str:
     for record in records:
         if record.get("event") == "reset":
             parts.append("---\n\n*conversation reset*\n")
+        elif record.get("event") == "undo":
+            parts.append("*the exchange above was taken back (undo)*\n")
+        elif record.get("event") == "system":
+            parts.append(f"*system prompt changed to:* {record.get('content', '')}\n")
         elif "role" in record:
             parts.append(f"## {record['role']}\n\n{record['content']}\n")
     return "\n".join(parts)
@@ -774,7 +869,11 @@ def export_json(name: str, meta: dict[str, Any], records: list[dict[str, Any]]) 
 
 
 @models_app.command("list")
-def models_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+def models_list(
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the models as a JSON array (sizes in bytes).")
+    ] = False,
+) -> None:
     """GGUF files in models/."""
     paths = models.available()
     rows = [
@@ -792,12 +891,72 @@ def models_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> Non
     console.print(table if rows else f"[dim]no GGUF files in {models_dir()}[/]")
 
 
+@models_app.command("pull")
+def models_pull(
+    spec: Annotated[
+        str,
+        typer.Argument(
+            help="OWNER/NAME[:QUANT] or OWNER/NAME/FILE.gguf, as llama.cpp's -hf spells it",
+            show_default=False,
+        ),
+    ],
+) -> None:
+    """Download a GGUF from the Hugging Face Hub into the models folder (resumable: run the
+    same command again after an interruption). $HF_TOKEN for gated repos, $HF_ENDPOINT for
+    a mirror."""
+    from flashmem_cli import pull as hub  # lazy: importing huggingface_hub takes ~0.5 s
+
+    remote = hub.resolve(spec)
+    dest = models_dir()
+    if hub.is_present(remote, dest):
+        console.print(f"{remote.local_name} is already in {dest}")
+        return
+    with download_progress(remote.local_name, remote.size) as on_progress:
+        path = hub.download(remote, dest, on_progress)
+    name = path.name.removesuffix(".gguf")
+    console.print(f"pulled {path}\nchat with it: flashmem chat -m {name}")
+
+
+class download_progress:  # noqa: N801 - used as a function in `with`
+    """A download bar on stderr; yields `on_progress(done, total)`. Bytes a resumed download
+    already had are shown as done but not counted in its speed."""
+
+    def __init__(self, label: str, total: int | None):
+        self.bar = Progress(
+            TextColumn("[bold]{task.description}[/]"),
+            BarColumn(),
+            DownloadColumn(binary_units=True),
+            TransferSpeedColumn(),
+            *time_columns(),
+            console=err_console,
+            disable=not err_console.is_terminal,
+        )
+        self.task = self.bar.add_task(label, total=total)
+        self.first = True
+
+    def __enter__(self) -> Callable[[int, int | None], None]:
+        self.bar.__enter__()
+        return self.update
+
+    def update(self, done: int, total: int | None) -> None:
+        if self.first:
+            self.bar.reset(self.task, total=total, completed=done)
+            self.first = False
+        else:
+            self.bar.update(self.task, completed=done, total=total)
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.__exit__(None, None, None)
+
+
 @models_app.command("info")
 def models_info(
     model: Annotated[
         str | None, typer.Argument(help="Name or path (default: the default model)")
     ] = None,
-    as_json: Annotated[bool, typer.Option("--json")] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the details as one JSON object.")
+    ] = False,
 ) -> None:
     """Path, size, architecture, layers, context length, chat template, fingerprint."""
     file = models.resolve(model)
@@ -832,7 +991,9 @@ def calibrate_command(
         ),
     ] = 85.0,
     n_gpu_layers: GpuLayersOpt = None,
-    as_json: Annotated[bool, typer.Option("--json")] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the result as one JSON object; no progress bar.")
+    ] = False,
 ) -> None:
     """Measure the memory monitor's τ for a model; stored beside it in models/."""
     from flashmem_cli.calibrate import calibrate
@@ -878,7 +1039,15 @@ def train_consolidator(
     resume: Annotated[
         bool, typer.Option("--resume", help="Go on from the checkpoint beside --out.")
     ] = False,
-    lr: Annotated[float, typer.Option("--lr", min=0, callback=finite())] = 3e-4,
+    lr: Annotated[
+        float,
+        typer.Option(
+            "--lr",
+            help="Peak learning rate: linear warm-up to it, then cosine decay to a tenth of it.",
+            min=0,
+            callback=finite(),
+        ),
+    ] = 3e-4,
     latents: Annotated[int, typer.Option("--latents", help="K latents per span.", min=1)] = 8,
     keep_ratio: KeepRatioOpt = 0.25,
     restate_weight: Annotated[
@@ -893,9 +1062,22 @@ def train_consolidator(
     held_out: Annotated[
         int, typer.Option("--held-out", help="Held-out examples (from the dev split).", min=1)
     ] = 24,
-    seed: Annotated[int, typer.Option("--seed")] = 0,
-    threads: Annotated[int | None, typer.Option("-t", "--threads", min=1)] = None,
-    as_json: Annotated[bool, typer.Option("--json")] = False,
+    seed: Annotated[
+        int,
+        typer.Option(
+            "--seed", help="Seed of the training examples: generated ones, or --data's order."
+        ),
+    ] = 0,
+    threads: Annotated[
+        int | None,
+        typer.Option("-t", "--threads", help="CPU threads (default: torch's choice).", min=1),
+    ] = None,
+    as_json: Annotated[
+        bool,
+        typer.Option(
+            "--json", help="Print the training record as one JSON object; no progress bar."
+        ),
+    ] = False,
 ) -> None:
     """Train the Shared-KV Consolidator (backbone frozen); needs the `train` extra (torch)."""
     try:
@@ -949,7 +1131,7 @@ def train_with_progress(run: Any, held_out: Any, as_json: bool) -> Any:
         TextColumn("{task.completed}/{task.total}"),
         TextColumn("loss {task.fields[loss]}"),
         TextColumn("held-out gap {task.fields[gap]}"),
-        TimeRemainingColumn(),
+        *time_columns(),
         console=err_console,
         disable=as_json or not err_console.is_terminal,
     )
@@ -994,7 +1176,9 @@ def eval_recall(
             "--answers/--no-answers", help="Also answer each probe greedily (the accuracy)."
         ),
     ] = True,
-    as_json: Annotated[bool, typer.Option("--json")] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the results as one JSON object; no progress bar.")
+    ] = False,
 ) -> None:
     """Teacher-forced recall of early facts under full / truncate / flashmem / ablations.
 
@@ -1087,7 +1271,7 @@ class steps_progress:  # noqa: N801 - used as a function in `with`
             TextColumn(f"[bold]{label}[/]"),
             BarColumn(),
             TextColumn("{task.completed}/{task.total}"),
-            TimeRemainingColumn(),
+            *time_columns(),
             console=err_console,
             disable=not enabled or not err_console.is_terminal,
         )
@@ -1108,9 +1292,10 @@ def read_text_file(path: Path) -> str:
 
 
 def human_bytes(n: int) -> str:
+    """A size in binary units, named as such (KiB, not KB: a KB is 1000 bytes)."""
     size = float(n)
-    for unit in ("B", "KB", "MB", "GB"):
-        if size < 1024 or unit == "GB":
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
         size /= 1024
     return f"{n} B"
@@ -1118,6 +1303,7 @@ def human_bytes(n: int) -> str:
 
 def main() -> None:
     """Entry point: domain errors become one line on stderr and exit code 1."""
+    models.set_assemble_hook(lambda line: err_console.print(f"[dim]{escape(line)}[/]"))
     try:
         app()
     except FlashmemError as exc:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import platformdirs
 
 APP_NAME = "flashmem"
+PROJECT_NAME = "flashmem-cli"  # the distribution name in pyproject.toml
+PACKAGE_DIR = Path(__file__).resolve().parent
 HOME_ENV = "FLASHMEM_HOME"
 MODEL_ENV = "FLASHMEM_MODEL"
 MODELS_DIR_ENV = "FLASHMEM_MODELS_DIR"
@@ -30,14 +33,36 @@ def sessions_dir() -> Path:
 
 
 def models_dir() -> Path:
-    """`models/` of the checkout, or `$FLASHMEM_MODELS_DIR`, or `<data dir>/models`."""
+    """`$FLASHMEM_MODELS_DIR`, else `models/` of the checkout flashmem runs from, else
+    `<data dir>/models` (an installed flashmem never writes next to its own code)."""
     override = os.environ.get(MODELS_DIR_ENV)
     if override:
         return Path(override).expanduser()
-    checkout_models = Path(__file__).resolve().parent.parent / "models"
-    if checkout_models.is_dir():
-        return checkout_models
+    checkout = checkout_dir()
+    if checkout is not None:
+        return checkout / "models"
     return data_dir() / "models"
+
+
+def checkout_dir(package_dir: Path | None = None) -> Path | None:
+    """The source checkout holding `package_dir` (default: this package), None when flashmem is
+    installed. Installed, the parent folder is site-packages, shared with every other package,
+    so a `models/` there proves nothing: a checkout must also hold flashmem-cli's pyproject."""
+    root = (package_dir or PACKAGE_DIR).parent
+    if (root / "models").is_dir() and _names_this_project(root / "pyproject.toml"):
+        return root
+    return None
+
+
+def _names_this_project(pyproject: Path) -> bool:
+    """Whether `pyproject` declares this project (a line `name = "flashmem-cli"`); a regex,
+    since tomllib only comes with Python 3.11 and one line is all it takes."""
+    try:
+        text = pyproject.read_text("utf-8")
+    except (OSError, UnicodeDecodeError):
+        return False
+    declaration = rf'^name\s*=\s*"{re.escape(PROJECT_NAME)}"\s*$'
+    return re.search(declaration, text, re.MULTILINE) is not None
 
 
 def default_threads() -> int:

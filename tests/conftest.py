@@ -57,12 +57,13 @@ def run_cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess
 
 
 def own_turn_tokens(model_path: Path, message: str) -> int:
-    """Tokens of one user turn of the default model's built-in template, generation prompt
-    included: what a turn feeds when the cache already holds everything before it."""
+    """Tokens of one user turn of the default model's built-in template (a base model's plain
+    transcript), generation prompt included: what a turn feeds when the cache already holds
+    everything before it."""
     from flashmem_cli.engine.backend import Model
 
     with Model(model_path, n_gpu_layers=0) as model:
-        text = f"<start_of_turn>user\n{message}<end_of_turn>\n<start_of_turn>model\n"
+        text = f"User: {message}\nAssistant:"
         return len(model.tokenize(text, parse_special=True))
 
 

@@ -353,3 +353,22 @@ def test_a_truncated_session_state_is_rebuilt_and_the_batch_goes_on(home, model_
     (result,) = read_jsonl(tmp_path / "two.out.jsonl")
     notices = result["response"]["body"]["flashmem"]["notices"]
     assert len(notices) == 1 and "missing or damaged" in notices[0]
+
+
+def test_a_base_model_chat_reply_ends_at_the_next_user_line(home, model_path, tmp_path):
+    """Chat lines (and session lines) are rendered as a plain transcript for the base model:
+    a reply stops where the model starts the user's next line; completions never do."""
+    lines = [
+        chat_line("chat", "My name is Ada and I keep bees. What do bees make?", tokens=64),
+        {"id": "s", "session": "bees", "prompt": "What do bees make?", "max_tokens": 64},
+    ]
+    source = write_lines(tmp_path / "base.jsonl", lines)
+    proc = run_cli("run", str(source), *GREEDY)
+    assert proc.returncode == 0, proc.stderr
+    outputs = {
+        o.get("custom_id") or o.get("id"): o for o in read_jsonl(tmp_path / "base.out.jsonl")
+    }
+    chat = outputs["chat"]["response"]["body"]["choices"][0]
+    assert "User:" not in chat["message"]["content"] and chat["finish_reason"] == "stop"
+    session = outputs["s"]["response"]["body"]["choices"][0]
+    assert "User:" not in session["text"]

@@ -70,7 +70,9 @@ class FakeModel:
         monkeypatch.setattr(runner.models, "resolve", lambda spec: fake_file)
         monkeypatch.setattr(runner, "run_requests", self.run_requests)
 
-    def run_requests(self, plan, file_model, requests: list[BatchRequest], report, stats) -> None:
+    def run_requests(
+        self, plan, file_model, requests: list[BatchRequest], report, stats, on_step=None
+    ) -> None:
         for path in self.locks:
             lock = try_lock(path)
             self.locked_during_run.append(lock is None)

@@ -44,9 +44,9 @@ def test_json_output_has_the_documented_fields(home, model_path):
     result = run_json("chat", "-s", "j", *FLAGS, "-p", "Hi")
     assert set(result) >= {"session", "reply", "prompt_text", "tokens", "timings_ms"}
     assert set(result["tokens"]) == {"new_prompt", "cached", "generated", "reprocessed"}
-    assert result["tokens"]["reprocessed"] == 0  # Gemma's turn markers never rewrite
+    assert result["tokens"]["reprocessed"] == 0  # a plain transcript never rewrites
     assert set(result["timings_ms"]) >= {"load_model", "restore", "prefill", "ttft", "total"}
-    assert result["prompt_text"].startswith("<bos><start_of_turn>user\nHi")
+    assert result["prompt_text"].startswith("<bos>User: Hi\nAssistant:")
 
 
 @pytest.mark.model
@@ -229,13 +229,11 @@ def test_a_system_prompt_alone_waits_and_stays_pinned(home, model_path):
         conversation.set_system_prompt("You are a careful assistant.")
     with open_conversation(store, "sys", options) as conversation:
         result = conversation.send("Hi")
-        assert result.prompt_text.startswith("<bos><start_of_turn>user\nYou are a careful")
+        assert result.prompt_text.startswith("<bos>You are a careful assistant.\n\nUser: Hi")
         pinned = conversation.stats().pinned_tokens
     with Model(model_path, n_gpu_layers=0) as model:
         assert pinned == len(
-            model.tokenize(
-                "<bos><start_of_turn>user\nYou are a careful assistant.", parse_special=True
-            )
+            model.tokenize("<bos>You are a careful assistant.", parse_special=True)
         )
 
 
@@ -263,7 +261,7 @@ def test_ctrl_c_keeps_the_partial_reply_and_the_session_goes_on(home, model_path
         "-t",
         "2",
         "-p",
-        "Write a very long story about a lighthouse keeper.",
+        "Count from 1 to 1000: 1, 2, 3, 4,",  # a base model counts on and on
     ]
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     started = home / "sessions" / "int" / "transcript.jsonl"

@@ -28,8 +28,11 @@ FACTS = [
     "My sister Oriane lives in Tromsø and keeps a parrot called Pimento.",
     "Our boat is painted mustard yellow and is moored at berth 19.",
 ]
+# Long enough that the turns fill -c 512 however soon the base model ends its reply.
 FILLER = [
-    f"Tell me something about {topic}, in a few sentences."
+    f"Tell me something about {topic}, in a few sentences. I have been reading about {topic} "
+    f"all week and would like to hear what you know, from the basics to the odd details about "
+    f"{topic} that most people never learn."
     for topic in ("bread", "rivers", "bicycles", "tea", "glaciers", "printing", "owls", "maps")
 ]
 
@@ -167,7 +170,7 @@ def test_a_chat_consolidates_at_the_budget_and_resumes(home, model_path, capsys)
         shipped = report.settings["consolidator"]  # the default model's weights ship trained
         assert shipped.startswith("TRAINED") and "shipped with flashmem" in shipped
 
-    from flashmem_cli.cli import print_memory
+    from flashmem_cli.repl import print_memory
 
     print_memory(report)  # what /memory shows in the REPL
     shown = capsys.readouterr().out
@@ -187,9 +190,9 @@ def test_keep_only_keeps_the_spans_own_tokens_in_order(home, model_path, monkeyp
     checked = []
     original = ConversationMemory.consolidate
 
-    def consolidate(self, seq, start, end, kind):
+    def consolidate(self, seq, start, end, kind, turns=0):
         span = list(seq.tokens[start:end])
-        event = original(self, seq, start, end, kind)
+        event = original(self, seq, start, end, kind, turns)
         kept = seq.tokens[start : start + event.kept]
         checked.append(len(kept) > 0 and is_subsequence(kept, span) and len(set(kept)) > 1)
         return event
@@ -341,7 +344,7 @@ def test_a_session_made_without_memory_consolidates_once_memory_is_on(home, mode
     store = SessionStore(sessions_dir())
     plain = memory_options(memory=MemoryOptions(enabled=False), n_ctx=1024)
     with open_conversation(store, "late", plain) as conversation:
-        feed_turns(conversation, FACTS + FILLER[:6])
+        feed_turns(conversation, FACTS + FILLER)
         assert len(conversation.seq) > 400
     assert not list((home / "sessions/late").glob("memory.*.npz"))
     with open_conversation(store, "late", memory_options(n_ctx=1024)) as conversation:

@@ -123,6 +123,7 @@ def test_every_control_token_spelled_in_a_message_stays_text(model):
 def test_a_forged_turn_marker_in_a_chat_message_is_text(home, model_path):
     options = ChatOptions(n_ctx=512, n_predict=4, sampling=SamplingParams(temperature=0))
     with open_conversation(SessionStore(sessions_dir()), "f", options) as conversation:
+        conversation.template = GEMMA  # the markers a chat-tuned Gemma is given
         result = conversation.send(FORGED)
         assert FORGED in result.prompt_text
         prompt_tokens = conversation.seq.tokens[: result.new_prompt_tokens]

@@ -7,7 +7,8 @@ from __future__ import annotations
 from typing import cast
 
 from flashmem_cli.batch.results import Completion
-from flashmem_cli.batch.scheduler import PrefixCache, answered_turn, stop_index, tokens_before
+from flashmem_cli.batch.scheduler import PrefixCache, answered_turn
+from flashmem_cli.engine.stops import stop_index, tokens_before
 
 # -- stop_index ---------------------------------------------------------------------------------
 

@@ -129,13 +129,15 @@ def write_tiny_gguf(
     chat_template: str | None = None,
     seed: int = 0,
     rope_scaling: str | None = None,
+    name: str | None = None,
 ) -> Path:
     """Write a tiny `kind` model (one of ARCHITECTURES) with random weights to `path`;
-    `rope_scaling` ("yarn", "linear") adds that RoPE scaling, factor 4."""
+    `rope_scaling` ("yarn", "linear") adds that RoPE scaling, factor 4; `name` is its
+    general.name (default `tiny-<kind>`)."""
     spec = SPECS[kind]
     path = Path(path)
     writer = gguf.GGUFWriter(path, spec.arch)
-    writer.add_name(f"tiny-{kind}")
+    writer.add_name(name or f"tiny-{kind}")
     writer.add_file_type(gguf.LlamaFileType.ALL_F32)
     _add_hparams(writer, kind, spec)
     n_vocab = _add_vocab(writer, spec.vocab)

@@ -21,6 +21,7 @@ from flashmem_cli.engine import prompt as rendering
 from flashmem_cli.engine.backend import BatchEntry, Context, ContextParams
 from flashmem_cli.engine.sampling import Sampler, SamplingParams
 from flashmem_cli.engine.sequence import KVSequence
+from flashmem_cli.engine.stops import stop_index, tokens_before
 from flashmem_cli.errors import (
     ContextOverflow,
     EngineError,
@@ -35,6 +36,7 @@ from flashmem_cli.store.sessions import SessionStore
 PREFIX_SLOTS = 2
 MIN_SHARED_PREFIX = 4
 ResultHandler = Callable[[BatchRequest, "Completion | LineError"], None]
+StepHook = Callable[[int], None]
 
 
 @dataclass(frozen=True)
@@ -123,7 +125,15 @@ class BatchScheduler:
     def close(self) -> None:
         self.ctx.close()
 
-    def run(self, requests: Iterable[BatchRequest], on_result: ResultHandler) -> None:
+    def run(
+        self,
+        requests: Iterable[BatchRequest],
+        on_result: ResultHandler,
+        on_step: StepHook | None = None,
+    ) -> None:
+        """Every request ends in one `on_result` call. `on_step` gets, after each decode, the
+        tokens generated so far by requests not yet reported: progress between results, which
+        a long generation may be minutes apart."""
         pending = deque(requests)
         active: dict[int, Job] = {}
         while pending or active:
@@ -136,6 +146,8 @@ class BatchScheduler:
                 self._fail_all(active, exc, on_result)
                 continue
             self._retire(active, on_result)
+            if on_step:
+                on_step(sum(len(job.generated) for job in active.values()))
 
     def _fail_all(self, active: dict[int, Job], exc: EngineError, on_result: ResultHandler) -> None:
         """A failed decode leaves the cache uncertain: report the requests in flight as failed,
@@ -299,6 +311,12 @@ class BatchScheduler:
             if index >= 0:
                 self._accept(job, job.sampler.sample(self.ctx, index))
 
+    def _stops(self, request: BatchRequest) -> tuple[str, ...]:
+        """The request's own stop strings, and the template's where the template renders it
+        (a base model's next `User:` line)."""
+        templated = request.kind != "completion" or request.session is not None
+        return request.stop + (self.template.stop if templated else ())
+
     def _accept(self, job: Job, token: int) -> None:
         if job.first_token_ms is None:
             job.first_token_ms = ms_since(job.started)
@@ -308,7 +326,7 @@ class BatchScheduler:
         job.generated.append(token)
         job.pending = token
         job.text += job.decoder.decode(self.model.token_bytes(token))
-        cut = stop_index(job.text, job.request.stop)
+        cut = stop_index(job.text, self._stops(job.request))
         if cut is not None:
             job.text = job.text[:cut]
             job.finish = "stop"
@@ -382,22 +400,6 @@ def session_message(request: BatchRequest) -> tuple[str, str | None]:
     last = request.messages[-1]
     system = next((m["content"] for m in request.messages if m["role"] == "system"), None)
     return last["content"], system
-
-
-def stop_index(text: str, stops: tuple[str, ...]) -> int | None:
-    found = [i for i in (text.find(s) for s in stops) if i >= 0]
-    return min(found) if found else None
-
-
-def tokens_before(token_bytes: Callable[[int], bytes], tokens: list[int], text: str) -> int:
-    """How many of `tokens` lie wholly within `text` (a reply cut at a stop string)."""
-    target = len(text.encode("utf-8"))
-    size = 0
-    for count, token in enumerate(tokens):
-        size += len(token_bytes(token))
-        if size > target:
-            return count
-    return len(tokens)
 
 
 def answered_turn(records: list[dict], request_id: str) -> Completion | None:

@@ -15,16 +15,23 @@ from typing import Any
 import numpy as np
 
 from flashmem_cli import models
-from flashmem_cli.chat.events import MemoryEvent, memory_events
+from flashmem_cli.chat.events import INSERTION, MemoryEvent, memory_events
 from flashmem_cli.chat.interrupt import CtrlC
 from flashmem_cli.chat.layout import (
     KVLayout,
     Message,
     conversation_messages,
+    last_user_index,
     split_turns,
 )
 from flashmem_cli.chat.memory import ConversationMemory, MemoryOptions
-from flashmem_cli.chat.reports import ChatStats, MemoryReport, TurnMemory, latent_blocks
+from flashmem_cli.chat.reports import (
+    ChatStats,
+    MemoryReport,
+    RoomMade,
+    TurnMemory,
+    latent_blocks,
+)
 from flashmem_cli.chat.saved import NEW, SavedState
 from flashmem_cli.chat.window import Consolidate, DropOldest, KVWindow
 from flashmem_cli.config import DEFAULT_BATCH, DEFAULT_CTX, DEFAULT_N_PREDICT, default_threads
@@ -33,6 +40,7 @@ from flashmem_cli.engine.backend import Context, ContextParams
 from flashmem_cli.engine.generate import stream_generate
 from flashmem_cli.engine.sampling import Sampler, SamplingParams
 from flashmem_cli.engine.sequence import LATENT, KVSequence
+from flashmem_cli.engine.stops import StopFilter, tokens_before
 from flashmem_cli.errors import ContextOverflow, FlashmemError, TemplateError
 from flashmem_cli.memory.architecture import describe
 from flashmem_cli.models import LoadedModel, chat_template_for, load_model
@@ -101,11 +109,11 @@ class Conversation:
             seq = KVSequence(self._own_context(n_ctx), shifts=self.arch.shifts)
         policy = DropOldest() if self.memory is None else Consolidate(self.memory, self._record)
         self.window = KVWindow(seq, policy)
-        self.saved = SavedState(session, loaded.file, self.window, self.memory)
+        self.template = chat_template_for(self.model)
+        self.saved = SavedState(session, loaded.file, self.window, self.memory, self.template)
         self.seq = seq
         self.ctx = seq.ctx
         self.n_ctx = seq.limit
-        self.template = chat_template_for(self.model)
         self.restore_ms = 0.0
         self._pending_restore_ms = 0.0
         self.notices: list[str] = list(session.notices)  # what was repaired, one line each
@@ -175,7 +183,7 @@ class Conversation:
         if self.options.stateless:
             return
         start = time.perf_counter()
-        why = "--rebuild" if self.options.rebuild else self.saved.restore()
+        why = "--rebuild" if self.options.rebuild else self.saved.restore(self.messages())
         if why is not None:
             self._replay(self.messages())
             if why != NEW:
@@ -200,8 +208,29 @@ class Conversation:
         if messages:
             raise FlashmemError(
                 f"session {self.session.name} has already begun; its system prompt cannot change "
-                "(start a new session, or /reset first)"
+                "(/system in the chat changes it, re-processing the conversation)"
             )
+        self._check_system_fits(system)
+        self.session.append({"role": "system", "content": system})
+
+    def change_system_prompt(self, system: str) -> int:
+        """Give a conversation under way another system prompt (none when empty): the transcript
+        records the change and the cache, whose pinned head holds the system prompt, is
+        rebuilt from it. Returns the tokens re-processed."""
+        messages = self.messages()
+        current = messages[0]["content"] if messages and messages[0]["role"] == "system" else ""
+        if system == current:
+            return 0
+        if system:
+            self._check_system_fits(system)
+        self.session.append({"event": "system", "content": system})
+        if self.options.stateless:
+            return 0
+        self._replay(self.messages())
+        self._save_after_turn()
+        return len(self.seq)
+
+    def _check_system_fits(self, system: str) -> None:
         probe = [{"role": "system", "content": system}, {"role": "user", "content": ""}]
         rendered = rendering.render(self.template, probe, add_generation_prompt=True)
         head, _ = rendering.tokenize_head(self.model, rendered, 0, self.template.bos_token)
@@ -211,7 +240,41 @@ class Conversation:
                 f"the system prompt is {pinned} tokens; -c {self.n_ctx} allows at most "
                 f"{self.n_ctx // 2} for it"
             )
-        self.session.append({"role": "system", "content": system})
+
+    def undo(self, reason: str = "undo") -> Message:
+        """Take back the last exchange (or a message that got no reply): the transcript records
+        the undo and keeps what was said; the cache rolls back to before it. Returns the user
+        message taken back."""
+        messages = self.messages()
+        index = last_user_index(messages)
+        if index is None:
+            raise FlashmemError("nothing to undo: no message since the start (or the last /reset)")
+        self.session.append({"event": "undo", "for": reason})
+        if self.options.stateless:
+            return messages[index]
+        if not self._roll_back(messages, index):
+            self._replay(messages[:index])
+            if len(self.seq) > self.layout.pinned:
+                self.notices.append(
+                    f"the exchange had left the cache; re-processed {len(self.seq)} tokens "
+                    "to undo it"
+                )
+        self._save_after_turn()
+        return messages[index]
+
+    def _roll_back(self, messages: list[Message], index: int) -> bool:
+        """Remove the last turn's block from the cache when it is the exchange from `index` on
+        and is still there whole; False when the cache must be rebuilt instead."""
+        layout = self.layout
+        if layout.messages == index and layout.n_tokens == len(self.seq):
+            return True  # never fed (a reply cut short before a restart): nothing to take back
+        groups = split_turns(messages)
+        whole = layout.messages == len(messages) and len(layout.turns) > 0
+        if not whole or groups[-1][0] is not messages[index] or index == 0:
+            return False
+        self.window.rewind(len(layout.turns) - 1, 0)
+        layout.messages = index
+        return True
 
     def send(self, text: str, on_text: Callable[[str], None] | None = None) -> TurnResult:
         """One turn: feed what is new, stream the reply, append both to the transcript, save."""
@@ -232,7 +295,7 @@ class Conversation:
         if self.layout.messages > len(history):  # a reset whose save was interrupted, or that turn
             self._replay(history)
         user: Message = {"role": "user", "content": text}
-        dropped_before = self.layout.dropped
+        dropped_before = self.layout.dropped, self.window.dropped_tokens
         events_before = len(self.memory.events) if self.memory else 0
         try:
             chunks = self._chunks(
@@ -253,7 +316,8 @@ class Conversation:
             prompt_text="".join(chunk.text for chunk in chunks),
             new_prompt_tokens=new_prompt,
             cached_tokens=len(self.seq) - new_prompt,
-            dropped_before=dropped_before,
+            dropped_before=dropped_before[0],
+            dropped_tokens_before=dropped_before[1],
             reply_start=len(self.seq),
             prefill_ms=_ms(start),
             tags=tags or {},
@@ -303,6 +367,15 @@ class Conversation:
                 "ttft": round(restore_ms + first_token_ms, 2),
                 "total": round(restore_ms + _ms(turn.start), 2),
             },
+        )
+
+    def room_made(self, turn: PendingTurn) -> RoomMade:
+        """What left the cache so far in this turn to make room: said before the reply."""
+        events = self.memory.events[turn.events_before :] if self.memory else []
+        return RoomMade(
+            consolidations=[e for e in events if e.kind != INSERTION],
+            dropped_turns=self.layout.dropped - turn.dropped_before,
+            dropped_tokens=self.window.dropped_tokens - turn.dropped_tokens_before,
         )
 
     def memory_report(self) -> MemoryReport:
@@ -435,11 +508,14 @@ class Conversation:
     def generate(
         self, turn: PendingTurn, on_text: Callable[[str], None] | None = None
     ) -> tuple[str, float]:
-        """Stream the reply into the cache; returns (finish reason, ms to first token)."""
+        """Stream the reply into the cache; returns (finish reason, ms to first token). A reply
+        that reaches one of the template's stop strings ends there, and the cache is cut to
+        the tokens before it."""
         start = turn.start
         first_token_ms: float | None = None
         finish = "stop"
         sampler = Sampler(self.options.sampling)
+        stops = StopFilter(self.template.stop)
         after_feed = None
         if self.memory is not None:
             self.memory.begin_reply()
@@ -451,9 +527,13 @@ class Conversation:
                 ):
                     if first_token_ms is None:
                         first_token_ms = _ms(start)
-                    if response.text and on_text:
-                        on_text(response.text)
+                    shown = stops.push(response.text)
+                    if shown and on_text:
+                        on_text(shown)
                     finish = response.finish_reason or finish
+                    if stops.stopped:
+                        finish = "stop"
+                        break
                     if ctrl_c.pressed:
                         finish = "interrupted"
                         break
@@ -461,7 +541,35 @@ class Conversation:
             finish = "interrupted"
         finally:
             sampler.close()
+        if stops.stopped:
+            self._cut_reply(turn.reply_start, stops.text)
+        elif on_text and (rest := stops.flush()):
+            on_text(rest)
         return finish, first_token_ms or _ms(start)
+
+    def _cut_reply(self, reply_start: int, text: str) -> None:
+        """Make the cache hold the reply as `text` (cut at a stop string): its tokens past the
+        last one wholly inside `text` are removed, and the rest of `text` (the start of the
+        token that began the stop string: "!" of "!\n") is fed as tokens of its own. Space
+        before the stop string is not part of the reply."""
+        text = text.rstrip()
+        held = self.seq.tokens[reply_start:]
+        words = [token for token in held if token != LATENT]
+        keep = tokens_before(self.model.token_bytes, words, text)
+        cells = next((i for i, n in enumerate(_running_count(held)) if n == keep), len(held))
+        if reply_start + cells < len(self.seq):
+            self.window.remove_tail(reply_start + cells)
+        if self.memory is not None:
+            self.memory.cut_reply(keep)
+        kept_text = self.model.detokenize(words[:keep])
+        rest = text[len(kept_text) :] if text.startswith(kept_text) else ""
+        tokens = self.model.tokenize(rest) if rest else []
+        if len(tokens) < self.seq.free:
+            for step, token in enumerate(
+                tokens, start=keep
+            ):  # as if generated: the monitor reads them
+                self.seq.feed([token])
+                self._after_reply_token(step)
 
     def _after_reply_token(self, step: int) -> None:
         self.window.policy.after_reply_token(self.seq, step)
@@ -562,7 +670,8 @@ class Conversation:
         return min(before, fed), fed
 
     def _replay(self, messages: list[Message]) -> None:
-        """Feed a transcript's turns into an empty cache (a first start, a rebuild)."""
+        """Feed a transcript's turns into an empty cache (a first start, a rebuild). A replay
+        cut short leaves the cache empty, for the next turn to replay again."""
         self.window.reset()
         try:
             chunks = self._chunks([], messages, None)
@@ -570,9 +679,18 @@ class Conversation:
             if messages and messages[-1]["role"] == "system":
                 messages = messages[:-1]  # a system prompt alone waits for the first message
             if messages:
-                self._refeed_all(messages, self._settled_chunks(messages))
+                try:
+                    self._refeed_all(messages, self._settled_chunks(messages))
+                except BaseException:
+                    self.window.reset()
+                    raise
             return
         self._feed(chunks)
+
+    def recover(self) -> None:
+        """After an interruption at an unknown point: forget the cache, which the next turn
+        rebuilds from the transcript (nothing said is lost)."""
+        self.window.reset()
 
     def _save_after_turn(self) -> None:
         """The transcript already holds the turn, so a save that fails (a full disk) loses
@@ -587,7 +705,7 @@ class Conversation:
             )
 
     def _save(self) -> None:
-        self.saved.save()
+        self.saved.save(self.messages()[: self.layout.messages])
 
 
 @dataclass(frozen=True)
@@ -605,6 +723,7 @@ class PendingTurn:
     tags: dict[str, Any] = field(default_factory=dict)
     events_before: int = 0
     reprocessed_tokens: int = 0
+    dropped_tokens_before: int = 0
 
 
 @dataclass
@@ -614,6 +733,15 @@ class _Chunk:
     pinned: list[int]  # the never-dropped head, only on a conversation's first chunk
     tokens: list[int]
     prompt: bool  # ends in the generation prompt
+
+
+def _running_count(held: list[int]) -> list[int]:
+    """For each cell of a reply, how many word tokens (not latents) came before it."""
+    counts, n = [], 0
+    for token in held:
+        counts.append(n)
+        n += token != LATENT
+    return counts
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

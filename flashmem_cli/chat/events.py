@@ -85,6 +85,21 @@ class MemoryEvent:
             "the transcript keeps everything)"
         )
 
+    def headline(self) -> str:
+        """The event in one sentence for someone who knows nothing of KV caches."""
+        if self.kind == INSERTION:
+            return f"memory: recalled {self.latents} memory tokens at reply token {self.step}"
+        kept = self.kept + self.latents
+        what = (
+            "older memory"
+            if not self.turns
+            else ("your oldest turn" if self.turns == 1 else f"your {self.turns} oldest turns")
+        )
+        return (
+            f"context full: {what} ({self.span_tokens} tokens) "
+            f"{'was' if self.turns <= 1 else 'were'} compressed to {kept} tokens of memory"
+        )
+
 
 def memory_events(records: list[dict[str, Any]]) -> list[MemoryEvent]:
     return [MemoryEvent.from_record(r) for r in records if r.get("event") == "memory"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -66,16 +67,41 @@ def split_turns(messages: list[Message]) -> list[list[Message]]:
 def conversation_messages(records: list[dict[str, Any]]) -> list[Message]:
     """The messages since the last reset, as the template sees them. A user message that got
     no reply (a turn interrupted before its reply was recorded) is left out when another user
-    message follows, so roles still alternate; the transcript keeps it."""
+    message follows, so roles still alternate; the transcript keeps it. An `undo` takes back
+    the last user message and what followed it; a `system` event sets the system prompt."""
     messages: list[Message] = []
     for record in records:
-        if record.get("event") == "reset":
+        event = record.get("event")
+        if event == "reset":
             messages = []
+        elif event == "undo":
+            undone = last_user_index(messages)
+            messages = messages if undone is None else messages[:undone]
+        elif event == "system":
+            messages = with_system_prompt(messages, str(record.get("content", "")))
         elif "role" in record:
             if record["role"] == "user" and messages and messages[-1]["role"] == "user":
                 messages.pop()
             messages.append({"role": record["role"], "content": record["content"]})
     return messages
+
+
+def last_user_index(messages: list[Message]) -> int | None:
+    return next(
+        (i for i in range(len(messages) - 1, -1, -1) if messages[i]["role"] == "user"), None
+    )
+
+
+def with_system_prompt(messages: list[Message], system: str) -> list[Message]:
+    """`messages` with `system` as their system prompt (none when it is empty)."""
+    rest = messages[1:] if messages and messages[0]["role"] == "system" else messages
+    return ([{"role": "system", "content": system}] if system else []) + rest
+
+
+def messages_digest(messages: list[Message]) -> str:
+    """Identifies the messages a cache took in: an undo or a new system prompt changes them."""
+    text = json.dumps([[m["role"], m["content"]] for m in messages], ensure_ascii=False)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def tokens_digest(tokens: list[int]) -> str:

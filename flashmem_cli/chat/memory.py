@@ -195,6 +195,11 @@ class ConversationMemory:
             TriggerPolicy(self.tau, self.options.max_insertions) if self.tau is not None else None
         )
 
+    def cut_reply(self, steps: int) -> None:
+        """The reply was cut to its first `steps` tokens (a stop string): forget the rest."""
+        del self.reply_entropies[steps:]
+        self.reply_triggers = [step for step in self.reply_triggers if step < steps]
+
     def observe_token(self, step: int) -> bool:
         """The entropy of the token just decoded; True when the monitor says consolidate."""
         rows = self.capture.last_rows
@@ -209,9 +214,12 @@ class ConversationMemory:
 
     # -- consolidation ----------------------------------------------------------------------
 
-    def consolidate(self, seq: KVSequence, start: int, end: int, kind: str) -> MemoryEvent:
-        """Fold positions [start, end) into memory: K latents written from the frozen cache,
-        the span's best-scored positions kept (--keep-score), the rest removed and the gap closed."""
+    def consolidate(
+        self, seq: KVSequence, start: int, end: int, kind: str, turns: int = 0
+    ) -> MemoryEvent:
+        """Fold positions [start, end) - `turns` whole turns, or older memory - into memory: K
+        latents written from the frozen cache, the span's best-scored positions kept
+        (--keep-score), the rest removed and the gap closed."""
         began = time.perf_counter()
         n_latents = self.latents_at_budget
         if self.last_hidden is None and n_latents:
@@ -243,6 +251,7 @@ class ConversationMemory:
             span=(start, end),
             kept=len(kept),
             after_tokens=len(seq),
+            turns=turns,
         )
         self.events.append(event)
         return event

@@ -46,6 +46,35 @@ class TurnMemory:
 
 
 @dataclass(frozen=True)
+class RoomMade:
+    """What left the cache to make room for a turn, before its reply."""
+
+    consolidations: list[MemoryEvent]
+    dropped_turns: int
+    dropped_tokens: int
+
+    def lines(self) -> list[str]:
+        """One line per thing that happened, in words for people."""
+        lines = [event.headline() for event in self.consolidations]
+        if self.dropped_turns:
+            turns = _turns(self.dropped_turns)
+            lines.append(
+                f"context full: {turns} ({self.dropped_tokens} tokens) no longer fit and "
+                "left the model's view; the transcript keeps them"
+            )
+        elif self.dropped_tokens:
+            lines.append(
+                f"context full: {self.dropped_tokens} tokens of memory no longer fit and left "
+                "the model's view; the transcript keeps what they came from"
+            )
+        return lines
+
+
+def _turns(n: int) -> str:
+    return "your oldest turn" if n == 1 else f"your {n} oldest turns"
+
+
+@dataclass(frozen=True)
 class LatentBlock:
     index: int
     start: int  # first position

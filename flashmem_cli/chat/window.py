@@ -10,14 +10,13 @@ only what folding cannot make room for. The transcript keeps everything either w
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import replace
 
 from flashmem_cli.chat.events import MemoryEvent
 from flashmem_cli.chat.layout import KVLayout
 from flashmem_cli.chat.memory import ConversationMemory
 from flashmem_cli.engine.sequence import KVSequence
 from flashmem_cli.errors import EngineError
-from flashmem_cli.memory.budget import turns_to_consolidate
+from flashmem_cli.memory.budget import PROTECTED_TURNS, turns_to_consolidate
 from flashmem_cli.memory.monitor import DEFAULT_SINKS
 
 
@@ -58,22 +57,31 @@ class Consolidate(DropOldest):
 
     def fold(self, window: KVWindow, needed: int) -> None:
         layout, memory = window.layout, self.memory
+        self._fold_turns(window, needed, memory.budget_tokens, PROTECTED_TURNS)
+        if len(window.seq) + needed > window.n_ctx:  # the last turns would be dropped: fold them
+            self._fold_turns(window, needed, window.n_ctx, protected=0)
+        too_full = len(window.seq) + needed > window.n_ctx
+        if layout.memory > memory.budget_tokens // 2 or (too_full and layout.memory):
+            self._fold_span(
+                window, max(layout.pinned, DEFAULT_SINKS), layout.pinned + layout.memory
+            )
+
+    def _fold_turns(self, window: KVWindow, needed: int, limit: int, protected: int) -> None:
+        """Fold the oldest turns (not the last `protected`) until `needed` more fit `limit`."""
+        layout, memory = window.layout, self.memory
         count = turns_to_consolidate(
             layout.pinned + layout.memory,
             layout.turns,
             needed,
-            memory.budget_tokens,
+            limit,
             memory.options.keep_ratio,
             memory.latents_at_budget,
+            protected,
         )
         if count:
             start = max(layout.pinned + layout.memory, DEFAULT_SINKS)
             end = layout.pinned + layout.memory + sum(layout.turns[:count])
             self._fold_span(window, start, end, turns=count)
-        if layout.memory > memory.budget_tokens // 2:
-            self._fold_span(
-                window, max(layout.pinned, DEFAULT_SINKS), layout.pinned + layout.memory
-            )
 
     def _fold_span(self, window: KVWindow, start: int, end: int, turns: int = 0) -> None:
         """Fold positions [start, end) - whole turns, or the memory region's end - into memory."""
@@ -81,12 +89,12 @@ class Consolidate(DropOldest):
         if end - start <= self.memory.latents_at_budget:
             return
         before = len(seq)
-        event = self.memory.consolidate(seq, start, end, "turns" if turns else "memory")
+        event = self.memory.consolidate(seq, start, end, "turns" if turns else "memory", turns)
         # what stays of the span joins the memory region, which ends where the span ended
         layout.memory = end - (before - len(seq)) - layout.pinned
         del layout.turns[:turns]
         layout.consolidated += turns
-        self.record(replace(event, turns=turns))
+        self.record(event)
 
     def after_decode(self) -> None:
         self.memory.note_decode()
@@ -115,6 +123,7 @@ class KVWindow:
         self.seq = seq
         self.policy = policy
         self.layout = KVLayout()
+        self.dropped_tokens = 0  # of turns and memory dropped whole, since this window was made
 
     @property
     def n_ctx(self) -> int:
@@ -139,6 +148,7 @@ class KVWindow:
             self.policy.after_decode()
             self.layout.turns[-1] += generated + len(closing)
         else:  # no room even alone: this turn leaves the cache too (the transcript keeps it)
+            self.dropped_tokens += len(self.seq) - self.layout.pinned
             self.remove_tail(self.layout.pinned)
             self.layout.turns = []
             self.layout.memory = 0
@@ -200,7 +210,7 @@ class KVWindow:
         if len(self.seq) + needed() - reserve > self.n_ctx:
             self._drop_memory_region()
         while kept and len(self.seq) + needed() - (reserve if len(kept) == 1 else 0) > self.n_ctx:
-            kept.pop(0)  # a turn never fed: the transcript has it
+            self.dropped_tokens += len(kept.pop(0))  # a turn never fed: the transcript has it
             self.layout.dropped += 1
         tokens = head + [token for turn in kept for token in turn]
         self.seq.feed(tokens)
@@ -222,6 +232,7 @@ class KVWindow:
             if not fits:  # a turn never fed (never the user's own: it was checked to fit)
                 tokens = tokens[: len(head)] if i == 0 else []
                 self.layout.dropped += 1
+                self.dropped_tokens += len(turn)
             if tokens:
                 self.seq.feed(tokens)
                 self.policy.after_decode()
@@ -238,6 +249,7 @@ class KVWindow:
             self.policy.remove(self.seq, start, end)
             self.layout.turns.pop(0)
             self.layout.dropped += 1
+            self.dropped_tokens += end - start
 
     def _drop_memory_region(self) -> None:
         """The last resort before a turn could not be fed: memory leaves the cache too."""
@@ -245,3 +257,4 @@ class KVWindow:
         if start < end:
             self.policy.remove(self.seq, start, end)
             self.layout.memory = 0
+            self.dropped_tokens += end - start

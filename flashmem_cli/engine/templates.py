@@ -6,6 +6,7 @@ How a rendering becomes the tokens of a turn (its delta, its markup) is engine/p
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import time
 from dataclasses import dataclass
@@ -37,9 +38,10 @@ GEMMA_TEMPLATE = """{{ bos_token }}
 {%- endfor -%}
 {%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}"""
 
-# For models that carry no template and have no known markers: plain role-prefixed lines. A
-# reply follows `Assistant:` exactly as generated (its own leading space), so a rendered reply
-# is what the cache holds after the generation prompt.
+# For base models and models with no known markers: a plain transcript, which a base model
+# continues the way it continues any text it read in pre-training. A reply follows `Assistant:`
+# exactly as generated (its own leading space), so a rendered reply is what the cache holds
+# after the generation prompt; the model's next `User:` line is where the reply stops.
 PLAIN_TEMPLATE = """{{ bos_token }}
 {%- for message in messages -%}
   {%- if message['role'] == 'system' -%}{{ message['content'] + '\n\n' }}
@@ -47,6 +49,8 @@ PLAIN_TEMPLATE = """{{ bos_token }}
   {%- else -%}{{ 'Assistant:' + message['content'] + '\n' }}{%- endif -%}
 {%- endfor -%}
 {%- if add_generation_prompt -%}{{ 'Assistant:' }}{%- endif -%}"""
+
+PLAIN_STOP = ("\nUser:",)
 
 FALLBACKS = {"gemma": GEMMA_TEMPLATE, "gemma2": GEMMA_TEMPLATE, "gemma3": GEMMA_TEMPLATE}
 
@@ -114,6 +118,14 @@ class ChatTemplate:
     source: str
     bos_token: str
     eos_token: str
+    stop: tuple[str, ...] = ()  # text that ends a reply where the model has no end token for it
+    base_model: bool = False  # chosen for a model that was never tuned to chat
+
+    @property
+    def digest(self) -> str:
+        """Identifies the rendering: a KV cache made with another one must be rebuilt."""
+        parts = (self.source, self.bos_token, self.eos_token)
+        return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
 
     def __post_init__(self) -> None:
         self._env = _Environment(trim_blocks=True, lstrip_blocks=True)
@@ -166,16 +178,31 @@ def _one_line(exc: BaseException) -> str:
 
 
 def select_template(
-    gguf_template: str | None, architecture: str, bos_token: str, eos_token: str
+    gguf_template: str | None,
+    architecture: str,
+    bos_token: str,
+    eos_token: str,
+    base_model: bool = False,
 ) -> ChatTemplate:
-    """The model's own template when it has one, else a fallback for its architecture."""
+    """The model's own template when it has one; else, for a base model, a plain transcript
+    that stops at the next `User:` line (a base model never learned any turn markers, and
+    given them it wanders); else a fallback for its architecture."""
     if gguf_template:
         return ChatTemplate("gguf", gguf_template, bos_token, eos_token)
+    if base_model:
+        return ChatTemplate(
+            "plain transcript (built-in, base model)",
+            PLAIN_TEMPLATE,
+            bos_token,
+            eos_token,
+            PLAIN_STOP,
+            base_model=True,
+        )
     if architecture in FALLBACKS:
         return ChatTemplate(
             f"{architecture} (built-in)", FALLBACKS[architecture], bos_token, eos_token
         )
-    return ChatTemplate("plain (built-in)", PLAIN_TEMPLATE, bos_token, eos_token)
+    return ChatTemplate("plain (built-in)", PLAIN_TEMPLATE, bos_token, eos_token, PLAIN_STOP)
 
 
 def _raise_exception(message: str) -> None:

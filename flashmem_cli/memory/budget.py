@@ -37,15 +37,16 @@ def turns_to_consolidate(
     budget: int,
     keep_ratio: float,
     n_latents: int,
+    protected: int = PROTECTED_TURNS,
 ) -> int:
     """How many of the oldest turns to fold into memory so that the cache (`head` tokens
     before the turns, then the turns) plus `needed` tokens fits `budget`. 0 when it fits
     already or folding cannot shrink anything; the most that may be folded when even that
-    is not enough. The last PROTECTED_TURNS turns are never folded."""
+    is not enough. The last `protected` turns are never folded."""
     total = head + sum(turns)
     if total + needed <= budget:
         return 0
-    foldable = max(0, len(turns) - PROTECTED_TURNS)
+    foldable = max(0, len(turns) - protected)
     for count in range(1, foldable + 1):
         span = sum(turns[:count])
         if total - span + compressed_size(span, keep_ratio, n_latents) + needed <= budget:

@@ -1,7 +1,8 @@
 """τ per model: the Cognitive Monitor's threshold, from entropies seen on a calibration corpus.
 
-Stored beside the model as `<models>/<model stem>.calibration.json`, with the entropies
-themselves so that another `--tau-percentile` needs no new run.
+Stored as `<models dir>/<model stem>.calibration.json` (config.models_dir: the checkout's models/,
+else `<data dir>/models`, never inside the installed package), with the entropies themselves so
+that another `--tau-percentile` needs no new run.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ class Calibration:
 
 
 def calibration_path(models_dir: Path, model_stem: str) -> Path:
+    """Where `flashmem calibrate` writes and chat first looks; `models_dir` is the user's
+    (config.models_dir()), the package's own data/ is read-only (memory/shipped.py)."""
     return models_dir / f"{model_stem}.calibration.json"
 
 

@@ -69,6 +69,8 @@ def dequantize_int8(q: np.ndarray, scales: np.ndarray) -> np.ndarray:
 
 
 def weights_path(models_dir: Path, model_stem: str) -> Path:
+    """Where trained or untrained weights are written; `models_dir` is the user's
+    (config.models_dir()), the package's own data/ is read-only (memory/shipped.py)."""
     return models_dir / f"{model_stem}.consolidator.npz"
 
 

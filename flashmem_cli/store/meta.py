@@ -66,6 +66,8 @@ class KVContents:
     n_tokens: int
     digest: str
     layout: dict[str, Any]
+    template: str = ""  # the chat template's digest ("": saved before flashmem recorded it)
+    fed: str = ""  # digest of the messages the cache took in ("": saved before it was recorded)
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,8 @@ class KVRecord:
             "n_tokens": c.n_tokens,
             "digest": c.digest,
             "layout": c.layout,
+            "template": c.template,
+            "fed": c.fed,
             "generation": self.generation,
             "state": self.state.to_dict(),
             "memory": self.memory.to_dict() if self.memory else None,
@@ -97,7 +101,13 @@ class KVRecord:
         if not isinstance(layout, dict):
             raise TypeError("layout is not an object")
         contents = KVContents(
-            ref, int(data["n_ctx"]), int(data["n_tokens"]), str(data["digest"]), layout
+            ref,
+            int(data["n_ctx"]),
+            int(data["n_tokens"]),
+            str(data["digest"]),
+            layout,
+            str(data.get("template", "")),
+            str(data.get("fed", "")),
         )
         memory = StoredFile.from_dict(data["memory"]) if data.get("memory") else None
         return cls(contents, int(data["generation"]), StoredFile.from_dict(data["state"]), memory)

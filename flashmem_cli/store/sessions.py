@@ -15,6 +15,7 @@ whenever the session is opened or saved. The transcript is never rewritten.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -56,6 +57,7 @@ NAME_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
 TRANSCRIPT = "transcript.jsonl"
 LOCK = ".lock"
 ROLES = ("system", "user", "assistant")
+PREVIEW_CHARS = 60
 
 
 def validate_name(name: str) -> str:
@@ -73,6 +75,7 @@ class SessionSummary:
     updated: str
     model: str
     state_bytes: int
+    preview: str = ""  # the first user message, on one line, cut to PREVIEW_CHARS
 
 
 def describe(path: Path) -> StoredFile:
@@ -152,6 +155,13 @@ class Session:
             return path if describe(path) == stored else None
         except OSError:
             return None
+
+    def input_history(self) -> Path:
+        """The chat's line-editor history, private as the transcript it repeats."""
+        path = self.dir / "input_history"
+        with contextlib.suppress(OSError):  # the editor says it cannot keep one; chat goes on
+            touch_private(path)
+        return path
 
     def remove_unreferenced(self) -> None:
         """State files that no KV record points to, and temp files of writes a kill cut short."""
@@ -318,7 +328,16 @@ def summarize(directory: Path) -> SessionSummary:
         updated=meta.updated,
         model=meta.model.name if meta.model else "-",
         state_bytes=meta.kv.state.size if meta.kv else 0,
+        preview=preview(records),
     )
+
+
+def preview(records: list[dict[str, Any]]) -> str:
+    """The first user message as one line of at most PREVIEW_CHARS, an ellipsis marking a cut:
+    what tells sessions with generated names apart in a listing."""
+    first = next((r["content"] for r in records if r.get("role") == "user"), "")
+    line = " ".join(first.split())
+    return line if len(line) <= PREVIEW_CHARS else line[: PREVIEW_CHARS - 1] + "…"
 
 
 def pause_for_tests(point: str) -> None:
