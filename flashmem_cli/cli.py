@@ -53,7 +53,7 @@ from flashmem_cli.config import (
     models_dir,
     sessions_dir,
 )
-from flashmem_cli.engine.sampling import RANDOM_SEED, SamplingParams
+from flashmem_cli.engine.sampling import MAX_SEED, RANDOM_SEED, SamplingParams
 from flashmem_cli.errors import FlashmemError, SessionCorrupt
 from flashmem_cli.memory.budget import KEEP_SCORES, POOL
 from flashmem_cli.memory.weights import weights_path
@@ -132,7 +132,6 @@ def app_options(
 
 
 MAX_CTX = 1 << 20
-MAX_SEED = (1 << 32) - 2  # 2**32 - 1 is llama.cpp's "random"
 MAX_THREADS = 512  # ggml's GGML_MAX_N_THREADS: more aborts inside llama.cpp
 
 console = Console()

@@ -16,14 +16,12 @@ from flashmem_cli.chat.conversation import Conversation, TurnResult
 from flashmem_cli.chat.events import INSERTION
 from flashmem_cli.chat.interrupt import CtrlC
 from flashmem_cli.chat.reports import MemoryReport
-from flashmem_cli.engine.sampling import RANDOM_SEED
+from flashmem_cli.engine.sampling import MAX_SEED, RANDOM_SEED
 from flashmem_cli.errors import FlashmemError
 from flashmem_cli.line_editor import LineEditor
 
 console = Console(highlight=False)
 err_console = Console(stderr=True, soft_wrap=True, highlight=False)
-
-MAX_SEED = (1 << 32) - 2  # 2**32 - 1 is llama.cpp's "random"
 
 REPL_HELP = """[bold]/help[/]            this list
 [bold]/exit[/]            leave (also Ctrl-D, or Ctrl-C twice)

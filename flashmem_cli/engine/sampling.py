@@ -10,6 +10,7 @@ import numpy as np
 from flashmem_cli.engine.backend import Context
 
 RANDOM_SEED = lc.LLAMA_DEFAULT_SEED
+MAX_SEED = RANDOM_SEED - 1  # the largest seed that is not llama.cpp's "random"
 
 
 @dataclass(frozen=True)
