@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 MODEL := models/gemma-3-270m-q4_k_m.gguf
 STAMP := $(VENV)/.installed
 
-.PHONY: install install-train demo test lint bench recall train clean
+.PHONY: install install-train demo test lint bench bench-readme recall train clean
 
 install: $(STAMP) $(MODEL)
 
@@ -14,7 +14,7 @@ install: $(STAMP) $(MODEL)
 $(STAMP): pyproject.toml flashmem_cli/engine/tapfilter.c
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install -e '.[model,dev]'
+	$(BIN)/pip install -e '.[model,dev,bench]'
 	touch $(STAMP)
 
 # The `train` extra (torch) for `flashmem train-consolidator` and its tests; the runtime never
@@ -27,7 +27,7 @@ install-train: $(TRAIN_STAMP)
 
 $(TRAIN_STAMP): $(STAMP)
 	$(BIN)/pip install '$(TORCH)'
-	$(BIN)/pip install -e '.[model,dev,train]'
+	$(BIN)/pip install -e '.[model,dev,bench,train]'
 	touch $(TRAIN_STAMP)
 
 # Train the default model's consolidator into models/ (about an hour on 2 CPU cores); chat
@@ -57,13 +57,14 @@ lint: install
 	$(BIN)/ruff format --check flashmem_cli tests
 	$(BIN)/mypy flashmem_cli
 
+# Every benchmark side by side with its baseline (under 15 minutes on 2 cores): tables, and
+# results.json / results.md / PNG plots in bench-results/. `make bench-readme` then puts that
+# run, unedited, into the README's Performance section.
 bench: install
-	$(BIN)/python -m flashmem_cli.bench.resume
-	$(BIN)/python -m flashmem_cli.bench.batch
-	$(BIN)/python -m flashmem_cli.bench.monitor
-	$(BIN)/python -m flashmem_cli.bench.consolidation
-	$(BIN)/python -m flashmem_cli.bench.insertion --tau 2.5
-	$(BIN)/flashmem eval recall flashmem_cli/bench/data/recall-test.jsonl -c 512 --no-answers
+	$(BIN)/flashmem bench all --out bench-results
+
+bench-readme:
+	$(BIN)/python -m flashmem_cli.bench.readme bench-results README.md
 
 # The README's recall table: keep scores on dev (where the default was chosen) and on test.
 # Every keep score at -c 512; the old and the new default at -c 1024. ~2.5 hours on 2 cores.

@@ -37,6 +37,7 @@ from flashmem_cli.batch import runner as batch_runner
 from flashmem_cli.batch.runner import RunPlan, default_paths
 from flashmem_cli.batch.scheduler import BatchSettings
 from flashmem_cli.bench.recall import POLICIES
+from flashmem_cli.bench.report import Section
 from flashmem_cli.chat.conversation import (
     ChatOptions,
     Conversation,
@@ -49,7 +50,6 @@ from flashmem_cli.chat.reports import TurnMemory
 from flashmem_cli.config import (
     DEFAULT_CTX,
     DEFAULT_N_PREDICT,
-    default_threads,
     models_dir,
     sessions_dir,
 )
@@ -566,7 +566,7 @@ def run_batch(
             parallel=parallel,
             n_predict=n_predict,
             sampling=sampling_params(temp, top_k, top_p, min_p, seed),
-            n_threads=threads or default_threads(),
+            n_threads=threads,
         ),
         resume=resume,
         shard=parse_shard(shard),
@@ -647,6 +647,8 @@ def print_summary(stats: batch_runner.RunStats, plan: batch_runner.RunPlan) -> N
         ("generated tokens", stats.generated_tokens),
         ("generated tokens/s", f"{stats.tokens_per_s:.1f}"),
         ("wall time", f"{stats.elapsed_s:.1f} s"),
+        ("model load", f"{stats.setup_s:.1f} s"),
+        ("KV cache", f"{stats.kv_cells} cells"),
         ("results", plan.out or "stdout"),
         ("errors", plan.errors or "stderr"),
     ]
@@ -1260,6 +1262,115 @@ def _shown(value: float | None) -> str:
 
 def _with_ci(value: float | None, ci: list[float] | None) -> str:
     return _shown(value) + ("" if ci is None else f" [{ci[0]:.2f}, {ci[1]:.2f}]")
+
+
+# -- bench ------------------------------------------------------------------------------------
+
+
+@app.command("bench")
+def bench(
+    which: Annotated[
+        str,
+        typer.Argument(
+            help="resume, consolidation, decode, monitor, batch, threads, recall, or all."
+        ),
+    ] = "all",
+    quick: Annotated[
+        bool, typer.Option("--quick", help="Tiny sizes, one run each: a smoke test, not numbers.")
+    ] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the results as one JSON object; no tables.")
+    ] = False,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", help="Write results.json, results.md and PNG plots into DIR."),
+    ] = None,
+    model: ModelOpt = None,
+    n_gpu_layers: GpuLayersOpt = None,
+    threads: ThreadsOpt = None,
+) -> None:
+    """Measure what flashmem buys on this machine: each method beside its baseline, interleaved,
+    medians with min/max (see README, Performance)."""
+    from flashmem_cli.bench import machine, report, suite
+    from flashmem_cli.bench.method import BenchOptions
+
+    if which not in [*suite.BENCHES, "all"]:
+        raise FlashmemError(f"unknown benchmark {which!r}: use {', '.join(suite.BENCHES)} or all")
+    options = BenchOptions(quick, model, threads, n_gpu_layers)
+    if out is not None:
+        check_writable_dir(out)  # before the run, not after 15 minutes of it
+    described = machine.describe(options)
+    with bench_progress(len(suite.names(which)), enabled=not as_json) as (say, advance):
+
+        def finished(results: report.Results) -> None:
+            advance()
+            if not as_json:
+                print_section(results.sections[-1])
+            if out is not None:  # every finished section is on disk, whatever comes next
+                report.write(results, out)
+
+        results = suite.run(which, options, described, say, on_section=finished)
+    if as_json:
+        console.print_json(data=results.as_dict())
+    if out is not None:
+        written = report.write(results, out)
+        err_console.print(f"[dim]wrote {', '.join(str(p) for p in written)}[/]", highlight=False)
+        if not report.matplotlib_available():
+            err_console.print("[dim]no plots: pip install 'flashmem-cli[bench]' (matplotlib)[/]")
+    failures = [s.name for s in results.sections if "failed" in s.headline]
+    if failures:
+        err_console.print(f"[red]error:[/] failed: {', '.join(failures)} (see the notes above)")
+        raise typer.Exit(1)
+
+
+def check_writable_dir(path: Path) -> None:
+    """`path` is (or can be made) a directory this process can write into; OSError if not."""
+    path.mkdir(parents=True, exist_ok=True)
+    probe = path / ".flashmem-write-check"
+    probe.write_bytes(b"")
+    probe.unlink()
+
+
+class bench_progress:  # noqa: N801 - used as a function in `with`
+    """A bar over the benchmarks on stderr; yields (say(text), advance())."""
+
+    def __init__(self, total: int, enabled: bool):
+        self.bar = Progress(
+            TextColumn("[bold]bench[/]"),
+            BarColumn(),
+            TextColumn("{task.completed}/{task.total}"),
+            TextColumn("{task.description}"),
+            *time_columns(),
+            console=err_console,
+            disable=not enabled or not err_console.is_terminal,
+        )
+        self.task = self.bar.add_task("", total=total)
+
+    def __enter__(self) -> tuple[Callable[[str], None], Callable[[], None]]:
+        self.bar.__enter__()
+        return (
+            lambda text: self.bar.update(self.task, description=escape(text)),
+            lambda: self.bar.advance(self.task),
+        )
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.__exit__(None, None, None)
+
+
+def print_section(section: Section) -> None:
+    if not section.columns:
+        console.print(f"[bold]{escape(section.title)}[/]: {escape(section.method)}")
+        return
+    header, *rows = section.table()
+    table = Table(*header, title=section.title, title_justify="left")
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+    for key, value in section.headline.items():
+        shown = "-" if value is None else f"{value:.3g}" if isinstance(value, float) else value
+        console.print(f"[dim]{key}:[/] {shown}", highlight=False)
+    for note in section.notes:
+        console.print(f"[dim]{escape(note)}[/]")
 
 
 class steps_progress:  # noqa: N801 - used as a function in `with`

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import platformdirs
 
+from flashmem_cli.engine.threads import adaptive_threads
+
 APP_NAME = "flashmem"
 PROJECT_NAME = "flashmem-cli"  # the distribution name in pyproject.toml
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -66,6 +68,7 @@ def _names_this_project(pyproject: Path) -> bool:
 
 
 def default_threads() -> int:
-    """Every core on small machines; half of them (about the physical cores) on large ones."""
-    cores = os.cpu_count() or 1
-    return cores if cores <= 4 else cores // 2
+    """The threads to use when not told (-t): the cores no other process is running on now,
+    at most every core on small machines and half of them on large ones (engine/threads.py).
+    It changes with the load, so chat and batch ask again as they go."""
+    return adaptive_threads()

@@ -4,6 +4,9 @@ sequence per decode, a free slot refilled as soon as a request finishes.
 Requests whose prompts start with the same system prompt share its KV cells: the prefix is
 decoded once into a prefix sequence and tagged onto each slot with `llama_memory_seq_cp`.
 Requests with a `session` run through the session store, one at a time per session.
+
+Every sequence gets the same number of cells (`kv_slot_size`): what the longest request can
+fill, at most `-c`, so short requests do not pay for `-c` x (--parallel + 2) cells.
 """
 
 from __future__ import annotations
@@ -17,11 +20,13 @@ from dataclasses import dataclass, field
 from flashmem_cli.batch.requests import BatchRequest, LineError
 from flashmem_cli.batch.results import Completion
 from flashmem_cli.chat.conversation import ChatOptions, Conversation, PendingTurn
+from flashmem_cli.config import default_threads
 from flashmem_cli.engine import prompt as rendering
-from flashmem_cli.engine.backend import BatchEntry, Context, ContextParams
+from flashmem_cli.engine.backend import BatchEntry, Context, ContextParams, Model
 from flashmem_cli.engine.sampling import Sampler, SamplingParams
 from flashmem_cli.engine.sequence import KVSequence
 from flashmem_cli.engine.stops import stop_index, tokens_before
+from flashmem_cli.engine.templates import ChatTemplate
 from flashmem_cli.errors import (
     ContextOverflow,
     EngineError,
@@ -35,6 +40,8 @@ from flashmem_cli.store.sessions import SessionStore
 
 PREFIX_SLOTS = 2
 MIN_SHARED_PREFIX = 4
+THREADS_CHECK_S = 2.0  # how often a run without -t re-reads the load
+SLOT_ROUNDING = 256  # llama.cpp pads a KV cache to a multiple of 256 cells
 ResultHandler = Callable[[BatchRequest, "Completion | LineError"], None]
 StepHook = Callable[[int], None]
 
@@ -45,7 +52,7 @@ class BatchSettings:
     parallel: int
     n_predict: int
     sampling: SamplingParams
-    n_threads: int
+    n_threads: int | None = None  # None: the free cores, asked again every THREADS_CHECK_S
     n_batch: int = 512
 
 
@@ -98,24 +105,89 @@ class PrefixCache:
         return seq
 
 
+def kv_slot_size(
+    model: Model, template: ChatTemplate, settings: BatchSettings, requests: list[BatchRequest]
+) -> int:
+    """Cells per sequence that every request fits in: the longest need, rounded up to a
+    multiple of SLOT_ROUNDING, at most -c."""
+    need = max((slot_need(model, template, settings, r) for r in requests), default=1)
+    return min(-(-need // SLOT_ROUNDING) * SLOT_ROUNDING, settings.n_ctx)
+
+
+def slot_need(
+    model: Model, template: ChatTemplate, settings: BatchSettings, request: BatchRequest
+) -> int:
+    """The cells one request can fill; 0 for one that fails when admitted, and -c for a
+    session line (its history is unknown until the session is opened)."""
+    if request.session is not None:
+        return settings.n_ctx
+    try:
+        head, rest = prompt_tokens(model, template, request)
+    except Exception:
+        return 0
+    prompt = len(head) + len(rest)
+    if prompt >= settings.n_ctx:
+        return 0
+    return cells_needed(prompt, max_tokens(settings, request), settings.n_ctx)
+
+
+def cells_needed(prompt: int, max_tokens: int, n_ctx: int) -> int:
+    """A stateless request's prompt, its longest reply and one cell to spare, at most -c (the
+    reply ends when the sequence is full)."""
+    return min(prompt + max_tokens + 1, n_ctx)
+
+
+def max_tokens(settings: BatchSettings, request: BatchRequest) -> int:
+    limit = request.max_tokens if request.max_tokens is not None else settings.n_predict
+    return limit if limit >= 0 else settings.n_ctx
+
+
+def prompt_tokens(
+    model: Model, template: ChatTemplate, request: BatchRequest
+) -> tuple[list[int], list[int]]:
+    """(shareable head, the rest) of a stateless request: the head ends after the system
+    prompt."""
+    if request.kind == "completion":
+        tokens = model.tokenize(request.prompt)
+        if model.add_bos and tokens[:1] != [model.bos]:
+            tokens = [model.bos] + tokens
+        return [], tokens
+    rendered = rendering.render(template, request.messages, add_generation_prompt=True)
+    if request.messages[0]["role"] == "system":
+        return rendering.tokenize_head(model, rendered, 0, template.bos_token)
+    tokens = rendering.tokenize(model, rendered)
+    if model.add_bos and tokens[:1] != [model.bos]:
+        tokens = [model.bos] + tokens
+    return [], tokens
+
+
 class BatchScheduler:
-    def __init__(self, loaded: LoadedModel, settings: BatchSettings, store: SessionStore):
+    """`slot_tokens`: the cells of each sequence (`kv_slot_size`); -c when not given."""
+
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        settings: BatchSettings,
+        store: SessionStore,
+        slot_tokens: int | None = None,
+    ):
         self.loaded = loaded
         self.model = loaded.model
         self.settings = settings
         self.store = store
+        self.slot_tokens = min(slot_tokens or settings.n_ctx, settings.n_ctx)
         n_seq = settings.parallel + PREFIX_SLOTS
         params = ContextParams(
-            n_ctx=settings.n_ctx * n_seq,  # every slot and every cached prefix at full length
+            n_ctx=self.slot_tokens * n_seq,  # every slot and every cached prefix at full length
             n_batch=settings.n_batch,
-            n_threads=settings.n_threads,
+            n_threads=settings.n_threads or default_threads(),
             n_seq_max=n_seq,
         )
         self.ctx = Context(self.model, params)
         shifts = describe(self.model.info()).shifts  # a Gemma 3 with no global layer cannot
 
         def sequence(i: int) -> KVSequence:
-            return KVSequence(self.ctx, i, settings.n_ctx, shifts=shifts)
+            return KVSequence(self.ctx, i, self.slot_tokens, shifts=shifts)
 
         self.slots = [sequence(i) for i in range(settings.parallel)]
         self.prefixes = PrefixCache([sequence(i) for i in range(settings.parallel, n_seq)])
@@ -136,10 +208,17 @@ class BatchScheduler:
         a long generation may be minutes apart."""
         pending = deque(requests)
         active: dict[int, Job] = {}
+        threads_checked = time.perf_counter()
         while pending or active:
             self._admit(pending, active, on_result)
             if not active:
                 continue
+            if (
+                self.settings.n_threads is None
+                and time.perf_counter() - threads_checked > THREADS_CHECK_S
+            ):
+                self.ctx.set_threads(default_threads())
+                threads_checked = time.perf_counter()
             try:
                 self._step(active)
             except EngineError as exc:  # not expected: the context is sized for every slot
@@ -219,16 +298,15 @@ class BatchScheduler:
         )
 
     def _max_tokens(self, request: BatchRequest) -> int:
-        limit = request.max_tokens if request.max_tokens is not None else self.settings.n_predict
-        return limit if limit >= 0 else self.settings.n_ctx
+        return max_tokens(self.settings, request)
 
     def _start_stateless(self, request: BatchRequest, slot: KVSequence, sampler: Sampler) -> Job:
-        head, rest = self._prompt_tokens(request)
+        head, rest = prompt_tokens(self.model, self.template, request)
         total = len(head) + len(rest)
-        if total >= self.settings.n_ctx:
-            raise ContextOverflow(
-                f"the prompt is {total} tokens; -c {self.settings.n_ctx} allows {self.settings.n_ctx - 1}"
-            )
+        n_ctx = self.settings.n_ctx
+        if total >= n_ctx:
+            raise ContextOverflow(f"the prompt is {total} tokens; -c {n_ctx} allows {n_ctx - 1}")
+        check_fits(slot, cells_needed(total, self._max_tokens(request), n_ctx))
         slot.clear()
         if len(head) >= MIN_SHARED_PREFIX and rest:
             slot.copy_prefix_from(self.prefixes.get(head), len(head))
@@ -237,24 +315,10 @@ class BatchScheduler:
             to_feed = head + rest
         return Job(request, slot, sampler, to_feed, total, self._max_tokens(request))
 
-    def _prompt_tokens(self, request: BatchRequest) -> tuple[list[int], list[int]]:
-        """(shareable head, the rest): the head ends after the system prompt."""
-        if request.kind == "completion":
-            tokens = self.model.tokenize(request.prompt)
-            if self.model.add_bos and tokens[:1] != [self.model.bos]:
-                tokens = [self.model.bos] + tokens
-            return [], tokens
-        rendered = rendering.render(self.template, request.messages, add_generation_prompt=True)
-        if request.messages[0]["role"] == "system":
-            return rendering.tokenize_head(self.model, rendered, 0, self.template.bos_token)
-        tokens = rendering.tokenize(self.model, rendered)
-        if self.model.add_bos and tokens[:1] != [self.model.bos]:
-            tokens = [self.model.bos] + tokens
-        return [], tokens
-
     def _start_session_turn(self, request: BatchRequest, slot: KVSequence, sampler: Sampler) -> Job:
         text, system = session_message(request)
         options = ChatOptions(n_ctx=self.settings.n_ctx, n_predict=self._max_tokens(request))
+        check_fits(slot, self.settings.n_ctx)
         slot.clear()
         session = self.store.open(request.session or "")
         earlier = answered_turn(session.records(), request.id)
@@ -390,6 +454,13 @@ class BatchScheduler:
                 "notices": result.notices,
             },
         )
+
+
+def check_fits(slot: KVSequence, need: int) -> None:
+    """A request never runs in a sequence smaller than it needs (a shorter reply would pass
+    for a finished one): kv_slot_size sized the sequences for every request."""
+    if need > slot.limit:
+        raise EngineError(f"this request needs {need} KV cells; its sequence has {slot.limit}")
 
 
 def session_message(request: BatchRequest) -> tuple[str, str | None]:

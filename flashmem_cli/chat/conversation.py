@@ -54,7 +54,7 @@ class ChatOptions:
     model: str | None = None
     n_ctx: int | None = None
     n_gpu_layers: int | None = None
-    n_threads: int = field(default_factory=default_threads)
+    n_threads: int | None = None  # None: the free cores, asked again every turn (-t fixes it)
     n_batch: int = DEFAULT_BATCH
     n_predict: int = DEFAULT_N_PREDICT
     sampling: SamplingParams = field(default_factory=SamplingParams)
@@ -130,7 +130,9 @@ class Conversation:
     def _own_context(self, n_ctx: int) -> Context:
         """A context of the conversation's own, with the memory's attention tap when on."""
         params = ContextParams(
-            n_ctx, n_batch=self.options.n_batch, n_threads=self.options.n_threads
+            n_ctx,
+            n_batch=self.options.n_batch,
+            n_threads=self.options.n_threads or default_threads(),
         )
         if not self.options.memory.enabled or self.options.stateless:
             return Context(self.model, params)
@@ -143,7 +145,7 @@ class Conversation:
             ContextParams(
                 n_ctx,
                 n_batch=self.options.n_batch,
-                n_threads=self.options.n_threads,
+                n_threads=self.options.n_threads or default_threads(),
                 tap=self.memory.capture.tap,
             ),
         )
@@ -286,6 +288,8 @@ class Conversation:
         """Record the user's message and feed it (with anything the cache missed); the logits
         of the generation prompt are then current, ready for the first reply token. `tags`
         go into both transcript records of the turn (a batch run's request id)."""
+        if self._owns_ctx and self.options.n_threads is None:
+            self.ctx.set_threads(default_threads())  # before the clock: not part of the turn
         start = time.perf_counter()
         if self.options.stateless:
             self.window.reset()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +18,8 @@ from flashmem_cli.engine.ggml import NodeTap
 from flashmem_cli.errors import EngineError, ModelNotFound
 
 _log_callback_ref = None
+_OFFLOAD_LINE = re.compile(rb"offloaded (\d+)/(\d+) layers to GPU")
+_last_offload: tuple[int, int] | None = None
 
 
 def init_backend() -> None:
@@ -28,6 +31,10 @@ def init_backend() -> None:
 
     @lc.llama_log_callback
     def _log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+        global _last_offload
+        found = _OFFLOAD_LINE.search(text or b"")
+        if found:
+            _last_offload = (int(found.group(1)), int(found.group(2)))
         if verbose:
             os.write(2, text)
 
@@ -38,6 +45,16 @@ def init_backend() -> None:
 
 def supports_gpu_offload() -> bool:
     return bool(lc.llama_supports_gpu_offload())
+
+
+def system_info() -> str:
+    """llama.cpp's build description: backends and CPU features (`CPU : AVX2 = 1 | ...`)."""
+    init_backend()
+    return bytes(lc.llama_print_system_info()).decode("utf-8", "replace").strip(" |")
+
+
+def bindings_version() -> str:
+    return str(getattr(lc, "__version__", "unknown"))
 
 
 @dataclass(frozen=True)
@@ -76,9 +93,12 @@ class Model:
         params.n_gpu_layers = n_gpu_layers
         self.path = Path(path)
         self.n_gpu_layers = n_gpu_layers
+        global _last_offload
+        _last_offload = None
         self._ptr = lc.llama_model_load_from_file(str(self.path).encode(), params)
         if not self._ptr:
             raise ModelNotFound(f"llama.cpp could not load {self.path} (not a usable GGUF model)")
+        self.offloaded_layers = _last_offload  # (layers on the GPU, of): what llama.cpp logged
         self._vocab = lc.llama_model_get_vocab(self._ptr)
         self.n_vocab = lc.llama_vocab_n_tokens(self._vocab)
         self.n_embd = lc.llama_model_n_embd(self._ptr)
@@ -273,6 +293,17 @@ class Context:
     @property
     def ptr(self):  # noqa: ANN201 - a ctypes pointer
         return self._ptr
+
+    @property
+    def n_threads(self) -> int:
+        return int(lc.llama_n_threads(self._ptr))
+
+    def set_threads(self, n_threads: int) -> None:
+        """Threads for the decodes from now on, single tokens and batches alike (chat re-picks
+        them per turn as the machine's load changes: engine/threads.py)."""
+        if not self._ptr:
+            raise EngineError("the context is closed")
+        lc.llama_set_n_threads(self._ptr, max(1, n_threads), max(1, n_threads))
 
     def close(self) -> None:
         if self._ptr:
