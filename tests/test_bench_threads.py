@@ -136,7 +136,7 @@ def test_plans() -> None:
     full = bench.plan_for(BenchOptions(), 8)
     assert full.loads == bench.LOADS
     assert full.settings == ("1", "2", "3", "4", bench.AUTO)
-    assert (full.prompt_tokens, full.decode_tokens, full.runs) == (256, 32, 3)
+    assert (full.prompt_tokens, full.decode_tokens, full.runs) == (256, 32, bench.RUNS)
     assert bench.plan_for(BenchOptions(), 2).settings == ("1", "2", bench.AUTO)
     assert bench.plan_for(BenchOptions(threads=3), 2).settings == ("1", "2", "3", bench.AUTO)
 
