@@ -11,6 +11,7 @@ from typing import Any
 from flashmem_cli import __version__, models
 from flashmem_cli.bench.method import BenchOptions
 from flashmem_cli.engine.backend import Model, bindings_version, supports_gpu_offload, system_info
+from flashmem_cli.engine.threads import usable_cores
 
 
 def describe(options: BenchOptions) -> dict[str, Any]:
@@ -41,11 +42,6 @@ def gpu_offload(offloaded: tuple[int, int] | None, n_layer: int) -> str:
         return f"supported; llama.cpp did not report the layer count ({n_layer} layers)"
     on_gpu, total = offloaded
     return f"{on_gpu}/{total} layers on the GPU"
-
-
-def usable_cores() -> int:
-    affinity = getattr(os, "sched_getaffinity", None)
-    return len(affinity(0)) if affinity else os.cpu_count() or 1
 
 
 def cpu_name() -> str:
