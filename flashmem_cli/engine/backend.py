@@ -85,12 +85,14 @@ class ModelInfo:
 class Model:
     """A loaded GGUF model and its vocabulary."""
 
-    def __init__(self, path: Path, n_gpu_layers: int | None = None):
+    def __init__(self, path: Path, n_gpu_layers: int | None = None, vocab_only: bool = False):
+        """`vocab_only`: the vocabulary and metadata without the weights (tokenizing only)."""
         init_backend()
         params = lc.llama_model_default_params()
         if n_gpu_layers is None:
-            n_gpu_layers = 999 if supports_gpu_offload() else 0
+            n_gpu_layers = 999 if supports_gpu_offload() and not vocab_only else 0
         params.n_gpu_layers = n_gpu_layers
+        params.vocab_only = vocab_only
         self.path = Path(path)
         self.n_gpu_layers = n_gpu_layers
         global _last_offload
