@@ -109,10 +109,9 @@ def plan_for(source: Path, address: str, parallel: int = 2) -> runner.RunPlan:
 def ray_here(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
     """Ray in this process, imported as the driver imports it (cluster.import_ray sets
     RAY_AUTH_MODE before the import); the variable is gone again after the test."""
-    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
-    ray = cluster.import_ray()
-    monkeypatch.setenv("RAY_AUTH_MODE", os.environ["RAY_AUTH_MODE"])
-    return ray
+    monkeypatch.setenv("RAY_AUTH_MODE", "recorded")  # so that monkeypatch restores it after
+    monkeypatch.delenv("RAY_AUTH_MODE")
+    return cluster.import_ray()
 
 
 def test_a_killed_worker_loses_nothing_and_writes_nothing_twice(
@@ -209,6 +208,20 @@ def test_an_unreachable_cluster_fails_at_once(home, model_path, tmp_path):
     assert "Traceback" not in proc.stderr
     assert time.perf_counter() - started < 60  # not Ray's minutes of retries
     assert not read_jsonl(tmp_path / "u.out.jsonl")  # nothing written, --resume has it all
+
+
+def test_addresses_are_checked_before_ray_sees_them(home, tmp_path):
+    source = write_lines(tmp_path / "a.jsonl", [{"id": "x", "prompt": "Hi"}])
+    cases = {
+        "head:99999": "--address 'head:99999': use HOST:PORT",
+        "::1:6379": "write an IPv6 host in brackets",
+        f"[::1]:{free_port()}": "cannot reach the Ray cluster at [::1]:",
+        "head..lan:6379": "cannot reach the Ray cluster at head..lan:6379",
+    }
+    for address, message in cases.items():
+        proc = run_cli("run", str(source), "--ray", "--address", address)
+        assert proc.returncode == 1 and message in proc.stderr, (address, proc.stderr)
+        assert "Traceback" not in proc.stderr
 
 
 def test_ray_options_need_ray(home, tmp_path):

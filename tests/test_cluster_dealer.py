@@ -75,6 +75,8 @@ class Worker:
         return self.behaviour(request)
 
     def _info(self) -> object:
+        if isinstance(self.pinged, list):
+            return self.pinged.pop(0)
         if self.pinged is not None:
             return self.pinged
         self.pid += 1  # asked after a loss: a new process
@@ -280,3 +282,15 @@ def test_a_worker_ray_cannot_bring_back_counts_as_dead(monkeypatch):
     assert [e for e in log if e.endswith(("got r1", "got r2"))] == [
         "w0 got r1", "w1 got r1", "w1 got r2"
     ]  # fmt: skip
+
+
+def test_a_worker_still_restarting_is_asked_again_at_the_next_poll(monkeypatch):
+    monkeypatch.setattr(cluster, "POLL_S", 0.0)
+    log: list[str] = []
+    workers = [Worker(0, log, lost_once({"r1"}))]
+    workers[0].pinged = [ActorUnavailableError("restarting"), WorkerInfo("node", 9, None)]
+    reported: list[str] = []
+    dealer, stats = dealer_for(workers, reported)
+    dealer.run([request(1), request(2)])
+    assert sorted(reported) == ["r1", "r2"] and stats[0].restarts == 1
+    assert workers[0].pinged == []  # asked twice

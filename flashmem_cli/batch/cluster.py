@@ -164,6 +164,10 @@ def check_reachable(address: str) -> None:
     host, _, port = address.rpartition(":")
     if "://" in address or not host:
         return  # ray://, auto, local: Ray's own forms
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]  # [::1]:6379
+    elif ":" in host:
+        raise FlashmemError(f"--address {address!r}: write an IPv6 host in brackets, [::1]:6379")
     if not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):
         raise FlashmemError(f"--address {address!r}: use HOST:PORT, e.g. 10.0.0.1:6379")
     try:
@@ -315,13 +319,14 @@ class Dealer:
         self.reported: set[int] = set()  # lines
         self.polled = time.perf_counter()
         self.down_since: dict[int, float] = {}  # worker -> when it was lost
+        self.repings: set[int] = set()  # restarting workers to ask again at the next poll
 
     def run(self, requests: list[BatchRequest]) -> None:
         self.pending = sorted(requests, key=lambda r: r.line)
         while self.pending or self.calls:
             self.give_up_on_restarts()
             self.deal()
-            if not self.calls and not self.pings:
+            if not self.calls and not self.pings and not self.repings:
                 raise FlashmemError(
                     "every Ray worker died; the lines not written are left for --resume"
                 )
@@ -384,6 +389,9 @@ class Dealer:
 
     def wait(self) -> list[Any]:
         refs = [*self.calls, *self.pings, *self.polls]
+        if not refs:  # only workers to ask again at the next poll
+            time.sleep(POLL_S)
+            return []
         ready, _ = self.ray.wait(refs, num_returns=1, timeout=POLL_S)
         if ready:
             ready, _ = self.ray.wait(refs, num_returns=len(refs), timeout=0)
@@ -394,7 +402,7 @@ class Dealer:
             self.collect_poll(ref, self.polls.pop(ref))
         elif ref in self.pings:
             self.collect_ping(ref, self.pings.pop(ref))
-        else:
+        elif ref in self.calls:
             self.collect_call(ref, self.calls.pop(ref))
 
     def collect_call(self, ref: Any, call: Call) -> None:
@@ -455,7 +463,7 @@ class Dealer:
         try:
             info = self.ray.get(ref)
         except self.ray.exceptions.ActorUnavailableError:
-            self.pings[self.handles[worker].info.remote()] = worker  # still restarting
+            self.repings.add(worker)  # still restarting: asked again at the next poll
             return
         except self.ray.exceptions.RayError:
             self.worker_dead(worker)
@@ -476,11 +484,16 @@ class Dealer:
         self.workers[worker].state = "dead"
         self.session_owner = {s: w for s, w in self.session_owner.items() if w != worker}
         self.pings = {ref: w for ref, w in self.pings.items() if w != worker}
+        self.repings.discard(worker)
 
     def poll(self) -> None:
         if time.perf_counter() - self.polled < POLL_S:
             return
         self.polled = time.perf_counter()
+        for worker in self.repings:
+            if self.workers[worker].state == "restarting":
+                self.pings[self.handles[worker].info.remote()] = worker
+        self.repings.clear()
         polled = set(self.polls.values())
         for worker in self.running():
             if worker not in polled and self.held(worker):

@@ -67,19 +67,22 @@ class Inbox:
         self.closed = False
 
     def put(self, request: BatchRequest) -> Future:
-        if self.closed:
-            raise RuntimeError("this worker is closed")
         future: Future = Future()
-        self.arrivals.put((request, future))
+        with self.lock:  # not between close() and take()'s last look
+            if self.closed:
+                raise RuntimeError("this worker is closed")
+            self.arrivals.put((request, future))
         return future
 
     def close(self) -> None:
         """No more requests: the scheduler finishes those it has, then returns."""
-        self.closed = True
+        with self.lock:
+            self.closed = True
 
     def take(self, wait: bool) -> list[BatchRequest] | None:
-        if self.closed and self.arrivals.empty():
-            return None
+        with self.lock:
+            if self.closed and self.arrivals.empty():
+                return None
         taken = []
         try:
             if wait:
