@@ -294,3 +294,45 @@ def test_a_worker_still_restarting_is_asked_again_at_the_next_poll(monkeypatch):
     dealer.run([request(1), request(2)])
     assert sorted(reported) == ["r1", "r2"] and stats[0].restarts == 1
     assert workers[0].pinged == []  # asked twice
+
+
+def test_a_request_that_kills_its_worker_runs_alone_before_it_is_failed():
+    """Every request in flight dies with the worker: r1 kills it; the others shared it."""
+    log: list[str] = []
+    doomed = [False]  # r1 is on the worker: whatever is dealt with it dies too
+
+    def poison_on_board(request: BatchRequest) -> object:
+        doomed[0] = doomed[0] or request.id == "r1"
+        return WorkerCrashedError("OOM") if doomed[0] else answer(request)
+
+    worker = Worker(0, log, poison_on_board)
+    restarted = worker._info
+
+    def restart() -> object:
+        doomed[0] = False
+        return restarted()
+
+    worker.info = Remote(restart)
+    reported: list[str] = []
+    results: dict[str, object] = {}
+    stats = [WorkerStats("w-0", pid=1, state="running")]
+
+    def report(request: BatchRequest, result: object) -> None:
+        log.append(f"reported {request.id}")
+        reported.append(request.id)
+        results[request.id] = result
+
+    Dealer(FakeRay(), [worker], stats, 2, report, None).run([request(i) for i in range(1, 5)])
+    assert sorted(reported) == ["r1", "r2", "r3", "r4"]
+    assert isinstance(results["r1"], LineError) and results["r1"].code == "request_failed"
+    assert all(isinstance(results[r], Completion) for r in ("r2", "r3", "r4"))
+    assert log == ["w0 got r1", "w0 got r2", "w0 got r3", "w0 got r4"] * 2 + [
+        "w0 got r1",
+        "reported r1",
+        "w0 got r2",
+        "reported r2",
+        "w0 got r3",
+        "reported r3",
+        "w0 got r4",
+        "reported r4",
+    ]  # fmt: skip  (all four together twice, then each alone)

@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 
 NAMESPACE = "flashmem"
 MAX_RESTARTS = 3  # per worker: Ray restarts a dead actor this many times, then gives up
-MAX_ATTEMPTS = 3  # a request whose worker died this often is reported failed (request_failed)
+MAX_ATTEMPTS = 3  # worker deaths under a request (the last with it alone) before it fails
 START_TIMEOUT_S = 600.0  # workers load the model before they answer
 RESTART_TIMEOUT_S = 600.0  # a worker not back this long after a loss counts as dead
 POLL_S = 0.5  # how often the driver asks the workers for their in-flight tokens
@@ -339,7 +339,7 @@ class Dealer:
     # -- dealing --------------------------------------------------------------------------------
 
     def deal(self) -> None:
-        room = {i: self.window - self.held(i) for i in self.running()}
+        room = {i: self.room(i) for i in self.running()}
         kept: list[BatchRequest] = []
         skipped = 0
         for position, request in enumerate(self.pending):
@@ -348,36 +348,58 @@ class Dealer:
                 break
             worker = self.worker_for(request, room)
             if worker is None:
+                if self.suspect(request):
+                    self.drain_for(request, room)
                 kept.append(request)
                 skipped += 1
                 continue
             self.send(worker, request)
-            room[worker] -= 1
+            room[worker] = 0 if self.suspect(request) else room[worker] - 1
         self.pending = kept
 
     def running(self) -> list[int]:
         return [i for i, w in enumerate(self.workers) if w.state == "running"]
 
-    def held(self, worker: int) -> int:
-        return sum(1 for call in self.calls.values() if call.worker == worker)
+    def held(self, worker: int) -> list[BatchRequest]:
+        return [call.request for call in self.calls.values() if call.worker == worker]
+
+    def room(self, worker: int) -> int:
+        """Requests the worker can take now: none while it runs a suspect."""
+        held = self.held(worker)
+        return 0 if any(map(self.suspect, held)) else self.window - len(held)
+
+    def suspect(self, request: BatchRequest) -> bool:
+        """A request that was in flight at MAX_ATTEMPTS - 1 worker deaths runs alone: a death
+        under it then is its own doing, and requests that shared its worker are not charged."""
+        return self.attempts.get(request.line, 0) >= MAX_ATTEMPTS - 1
 
     def worker_for(self, request: BatchRequest, room: dict[int, int]) -> int | None:
-        """The worker with the most room; for a session line, the session's worker, one line
-        at a time, waiting for it while Ray restarts it (its node holds the session), and
-        another worker only once it is dead."""
+        """The worker with the most room (an empty one for a suspect); for a session line, the
+        session's worker, one line at a time, waiting for it while Ray restarts it (its node
+        holds the session), and another worker only once it is dead."""
+        need = self.window if self.suspect(request) else 1
         session = request.session
         if session is not None:
             if session in self.busy_sessions:
                 return None
             owner = self.session_owner.get(session)
             if owner is not None and self.workers[owner].state != "dead":
-                return owner if room.get(owner, 0) > 0 else None
-        worker = max(room, key=lambda i: room[i])
-        if room[worker] <= 0:
+                return owner if room.get(owner, 0) >= need else None
+        takers = [i for i in room if room[i] >= need]
+        if not takers:
             return None
+        worker = max(takers, key=lambda i: room[i])
         if session is not None:
             self.session_owner[session] = worker
         return worker
+
+    def drain_for(self, request: BatchRequest, room: dict[int, int]) -> None:
+        """Deal nothing more this round to the worker a waiting suspect will run on (its
+        session's, else the emptiest), so that it empties instead of being kept busy."""
+        owner = self.session_owner.get(request.session or "")
+        worker = owner if owner in room else max(room, key=lambda i: room[i], default=None)
+        if worker is not None:
+            room[worker] = 0
 
     def send(self, worker: int, request: BatchRequest) -> None:
         ref = self.handles[worker].submit.remote(request)
