@@ -70,7 +70,7 @@ def run(options: BenchOptions, say: Say) -> Section:
     options = replace(options, threads=options.thread_count())  # one for all runs
     tool = batched_bench()
     with tempfile.TemporaryDirectory(prefix="flashmem-bench-batch-") as tmp:
-        source = write_prompts(Path(tmp) / "prompts.jsonl", work)
+        source = write_prompts(Path(tmp) / "prompts.jsonl", work.prompts, work.tokens)
         npp = prompt_length(source, options) if tool else 0
         runs = measure(Path(tmp), source, work, options, tool, npp, say)
     return section(work, options, runs, tool, npp)
@@ -79,15 +79,15 @@ def run(options: BenchOptions, say: Say) -> Section:
 # -- the work ---------------------------------------------------------------------------------
 
 
-def write_prompts(path: Path, work: Work) -> Path:
+def write_prompts(path: Path, prompts: int, tokens: int) -> Path:
     """Distinct prompts that invite a long reply (lengths vary if one stops early)."""
     lines = [
         {
             "id": f"p{i}",
             "prompt": f"Story {i}. Write a long story about {TOPICS[i % len(TOPICS)]}:",
-            "max_tokens": work.tokens,
+            "max_tokens": tokens,
         }
-        for i in range(work.prompts)
+        for i in range(prompts)
     ]
     path.write_text("".join(json.dumps(line) + "\n" for line in lines))
     return path

@@ -8,7 +8,6 @@ threads, so every run has the same cores; on one machine the workers can only sh
 
 from __future__ import annotations
 
-import json
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ from pathlib import Path
 from flashmem_cli.batch import runner
 from flashmem_cli.batch.cluster import RayOptions
 from flashmem_cli.batch.scheduler import BatchSettings
+from flashmem_cli.bench.batch import write_prompts
 from flashmem_cli.bench.method import BenchOptions, interleaved, paired_ratio, summaries
 from flashmem_cli.bench.ray_head import local_head
 from flashmem_cli.bench.report import Column, Section
@@ -26,7 +26,6 @@ Say = Callable[[str], None]
 
 RUNS = 3
 CTX = 256
-TOPICS = ["the sea", "a city at night", "bread", "winter", "a library", "bees", "trains", "rain"]
 
 
 @dataclass(frozen=True)
@@ -51,22 +50,9 @@ def run_on(address: str, options: BenchOptions, say: Say) -> Section:
     work = QUICK if options.quick else FULL
     threads = options.thread_count()
     with tempfile.TemporaryDirectory(prefix="flashmem-bench-ray-") as tmp:
-        source = write_prompts(Path(tmp) / "prompts.jsonl", work)
+        source = write_prompts(Path(tmp) / "prompts.jsonl", work.prompts, work.tokens)
         samples = measure(Path(tmp), source, work, options, threads, address, say)
     return section(work, threads, samples)
-
-
-def write_prompts(path: Path, work: Work) -> Path:
-    lines = [
-        {
-            "id": f"p{i}",
-            "prompt": f"Story {i}. Write a long story about {TOPICS[i % len(TOPICS)]}:",
-            "max_tokens": work.tokens,
-        }
-        for i in range(work.prompts)
-    ]
-    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
-    return path
 
 
 def measure(
